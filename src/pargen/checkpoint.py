@@ -1,0 +1,144 @@
+"""Checkpoints: `NAME.safetensors` (weights) + `NAME.json` (family, config, provenance), written atomically.
+
+Training state for exact resume (optimizer, EMA, step, RNG) goes to `NAME.state.pt`, read back with
+`torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import registry
+from .config import from_dict, to_dict
+from .errors import PargenError
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: a crash never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def stem(path: str | os.PathLike) -> Path:
+    """`runs/x`, `runs/x.json` and `runs/x.safetensors` all name the checkpoint `runs/x`."""
+    p = Path(path)
+    for suffix in (".safetensors", ".json", ".state.pt"):
+        if p.name.endswith(suffix):
+            return p.with_name(p.name[: -len(suffix)])
+    return p
+
+
+def save(path: str | os.PathLike, model: torch.nn.Module, extra: dict[str, Any] | None = None,
+         dtype: torch.dtype | None = None) -> Path:
+    """Save weights (optionally cast, e.g. fp16 for bundling) and the JSON description of `model`."""
+    s = stem(path)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+               for k, v in model.state_dict().items()}
+    meta = {"family": model.family, "config": to_dict(model.config), **(extra or {})}
+    _atomic_write(s.with_name(s.name + ".safetensors"), lambda tmp: save_file(tensors, tmp))
+    _atomic_write(s.with_name(s.name + ".json"),
+                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return s
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    s = stem(path)
+    jpath = s.with_name(s.name + ".json")
+    if not jpath.exists():
+        raise PargenError(f"checkpoint {jpath} not found")
+    try:
+        meta = json.loads(jpath.read_text())
+        meta["family"], meta["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise PargenError(f"checkpoint description {jpath} is corrupt ({e})") from None
+    return meta
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes, load its weights (cast to `dtype`), and return it in eval mode."""
+    s = stem(path)
+    meta = read_meta(s)
+    family = meta["family"]
+    registry._ensure_loaded()
+    if family not in registry.FAMILIES:
+        raise PargenError(f"checkpoint {s}.json names unknown model family {family!r}")
+    cls = registry.FAMILIES[family]
+    try:
+        cfg = from_dict(cls.Config, meta["config"])
+        model = cls(cfg)
+    except (PargenError, TypeError, ValueError) as e:
+        raise PargenError(f"checkpoint {s}.json has an invalid {family} config: {e}") from None
+    wpath = s.with_name(s.name + ".safetensors")
+    if not wpath.exists():
+        raise PargenError(f"checkpoint weights {wpath} not found")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PargenError(f"checkpoint weights {wpath} are unreadable (truncated or not safetensors): {e}") from None
+    load_state(model, state, str(wpath))
+    return model.to(dtype).eval(), meta
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict` with a message that names the file and the first mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"wrong shape: {wrong[0]}")
+        raise PargenError(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    s = stem(path)
+    _atomic_write(s.with_name(s.name + ".state.pt"), lambda tmp: torch.save(state, tmp))
+
+
+def load_state_file(path: str | os.PathLike) -> dict[str, Any]:
+    s = stem(path)
+    p = s.with_name(s.name + ".state.pt")
+    if not p.exists():
+        raise PargenError(f"training state {p} not found (cannot resume)")
+    try:
+        return torch.load(p, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise PargenError(f"training state {p} is unreadable: {e}") from None
+
+
+BUNDLED = Path(__file__).parent / "checkpoints"
+
+
+def resolve(name_or_path: str) -> Path:
+    """A bundled checkpoint name (e.g. `tarflow-mnist`) or a path."""
+    p = stem(name_or_path)
+    if p.with_name(p.name + ".json").exists():
+        return p
+    b = BUNDLED / name_or_path
+    if b.with_name(b.name + ".json").exists():
+        return b
+    raise PargenError(f"no checkpoint {name_or_path!r} (neither a path nor one of the bundled: "
+                      f"{', '.join(sorted(q.stem for q in BUNDLED.glob('*.json'))) or 'none'})")

@@ -1,0 +1,2 @@
+"""Model families; importing this package registers them."""
+from . import tarflow  # noqa: F401

@@ -1,0 +1,60 @@
+"""Exact multi-head attention with an explicit, preallocated KV cache.
+
+The cache is a value the sampler holds (no module state): keys/values for positions [0, length) are committed;
+a call on n new tokens writes their keys/values at [length, length + n) and attends over [0, length + n), and
+`commit(m)` keeps the first m of them. Writing in place avoids the O(T^2) copying of `torch.cat` caches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    k: Tensor  # (layers, B, H, T, Dh)
+    v: Tensor  # (layers, B, H, T, Dh)
+    length: int = 0
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, heads: int, max_len: int, head_dim: int, like: Tensor) -> "KVCache":
+        shape = (layers, batch, heads, max_len, head_dim)
+        return cls(like.new_empty(shape), like.new_empty(shape), 0)
+
+    def commit(self, m: int) -> None:
+        if self.length + m > self.k.shape[3]:
+            raise ValueError(f"cache overflow: {self.length} + {m} > {self.k.shape[3]}")
+        self.length += m
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k[:, :, :, : self.length].numel() * self.k.element_size()
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int, scale: float,
+           causal: bool = True) -> Tensor:
+    """Attention of q (B, H, n, Dh) over the cache plus the n new keys/values; causal among the new ones."""
+    n = q.shape[2]
+    if cache is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and n > 1, scale=scale)
+    start = cache.length
+    cache.k[layer, :, :, start: start + n] = k
+    cache.v[layer, :, :, start: start + n] = v
+    k_all = cache.k[layer, :, :, : start + n]
+    v_all = cache.v[layer, :, :, : start + n]
+    mask = None
+    if causal and n > 1:
+        # query i (absolute position start + i) sees keys j <= start + i
+        mask = torch.arange(start + n, device=q.device) <= torch.arange(start, start + n, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale)
+
+
+def layer_norm(x: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
+    """LayerNorm computed in at least float32 (as ml-tarflow does), returned in x's dtype."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    w = None if norm.weight is None else norm.weight.to(dt)
+    b = None if norm.bias is None else norm.bias.to(dt)
+    return F.layer_norm(x.to(dt), norm.normalized_shape, w, b, norm.eps).to(x.dtype)
