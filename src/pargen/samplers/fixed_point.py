@@ -10,10 +10,11 @@ boundaries and windows; sequential sampling is `solve(..., window=1)`.
 The model side is a `CausalOperator`, which holds the committed prefix as context (e.g. a KV cache).
 
 Stopping rule, per sample and per position, independent of batch size and of the number of positions:
-    err[b, t] = rms_features(x_new[b, t] - x[b, t]) / rms_window(x_new[b])
+    err[b, t] = rms_features(x_new[b, t] - x[b, t]) / rms_segment(x_new[b])
 A sample's frontier (its first unconverged position) advances past every leading position with err <= tol, and
 always by at least one (the frontier position only reads final positions, so its new value is exact). Positions
-behind a sample's own frontier are frozen, so a sample's answer does not depend on the rest of the batch.
+behind a sample's own frontier are frozen, and a converged position keeps the value that was fed forward, so a
+sample's answer does not depend on the rest of the batch and committed context always matches the answer.
 
 Divergence (non-finite values, or a residual that grows for `patience` passes in a row) is not clamped away: the
 segment is restarted from its initial guess and solved sequentially, and the fallback is recorded.
@@ -64,12 +65,15 @@ class FixedPointResult:
 Callback = Callable[[dict], None]
 
 
-def _errors(new: Tensor, old: Tensor) -> Tensor:
-    """err (B, n): per-position RMS change relative to the sample's RMS over the window."""
+def _errors(new: Tensor, old: Tensor, scale: Tensor) -> Tensor:
+    """err (B, n): per-position RMS change relative to the sample's scale (B,)."""
     B, n = new.shape[:2]
     d = (new - old).reshape(B, n, -1).double()
-    scale = new.reshape(B, -1).double().pow(2).mean(1).sqrt().clamp_min(1e-30)  # (B,)
     return d.pow(2).mean(2).sqrt() / scale[:, None]
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).double().pow(2).mean(1).sqrt().clamp_min(1e-30)
 
 
 def _leading_run(ok: Tensor) -> Tensor:
@@ -97,7 +101,7 @@ def _iterate(op: CausalOperator, x: Tensor, lo: int, hi: int, tol: float, cap: i
         counters[0] += 1
         counters[1] += stop - c
         stats.iters += 1
-        if stop - c == 1:  # one position: exact in one pass (the sequential sampler's path, kept lean)
+        if window == 1:  # one position per pass: exact at once (the sequential sampler's path, kept lean)
             x[:, c] = out[:, 0]
             c += 1
             op.commit(x, c)
@@ -107,9 +111,14 @@ def _iterate(op: CausalOperator, x: Tensor, lo: int, hi: int, tol: float, cap: i
         old = x[:, c:stop]
         pos = torch.arange(c, stop, device=x.device)
         active = pos[None, :] >= frontier[:, None]  # (B, n): not yet frozen
-        err = torch.where(active, _errors(out, old), torch.zeros((), dtype=torch.float64, device=x.device))
         shape = (B, stop - c) + (1,) * (x.dim() - 2)
-        x[:, c:stop] = torch.where(active.view(shape), out, old)
+        # the scale is the sample's RMS over the whole segment, so it does not depend on where others stand
+        seg = x[:, lo:hi].clone()
+        seg[:, c - lo: stop - lo] = torch.where(active.view(shape), out, old)
+        err = torch.where(active, _errors(out, old, _rms(seg)), torch.zeros((), dtype=torch.float64, device=x.device))
+        # a position whose change is within tolerance keeps its current value: that value is what this pass
+        # fed forward, so everything computed from it (e.g. cached keys) stays consistent with the answer
+        x[:, c:stop] = torch.where((active & (err > tol)).view(shape), out, old)
         res = float(err.max())
         if stats.residuals and res > stats.residuals[-1] and res > tol:
             rising += 1

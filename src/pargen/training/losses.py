@@ -1,0 +1,51 @@
+"""Training objectives: functions (model, x, y, rng) -> scalar loss. All randomness comes from the per-sample `rng`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models.classifier import Classifier
+from ..models.tarflow import TarFlow
+from ..rng import SampleRNG
+
+
+def drop_labels(y: Tensor | None, p: float, rng: SampleRNG) -> Tensor | None:
+    """Replace labels by -1 (unconditional) with probability p, for classifier-free guidance."""
+    if y is None or p <= 0:
+        return y
+    drop = rng.rand().to(y.device) < p
+    return torch.where(drop, torch.full_like(y, -1), y)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def tarflow_loss(model: TarFlow, x: Tensor, y: Tensor | None, rng: SampleRNG, label_drop: float = 0.1) -> Tensor:
+    """NLL with Gaussian noise augmentation (ml-tarflow's generation setting) and label drop for guidance."""
+    cfg = unwrap(model).config
+    x = x + cfg.noise_std * rng.randn(*x.shape[1:], dtype=x.dtype).to(x.device)
+    y = drop_labels(y, label_drop, rng) if cfg.num_classes else None
+    out = model(x, y)  # through DDP's forward when wrapped, so gradients are all-reduced
+    return unwrap(model).nll(out.z, out.logdet)
+
+
+def random_shift(x: Tensor, rng: SampleRNG, max_shift: int = 2) -> Tensor:
+    """Translate each image by up to max_shift pixels (pad with the background value -1)."""
+    B, _, H, W = x.shape
+    p = max_shift
+    xp = F.pad(x, (p, p, p, p), value=-1.0)
+    dx, dy = rng.randint(2 * p + 1, 2).to(x.device).unbind(1)
+    rows = (dy[:, None] + torch.arange(H, device=x.device)[None])  # (B, H)
+    cols = (dx[:, None] + torch.arange(W, device=x.device)[None])  # (B, W)
+    return xp[torch.arange(B)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def classifier_loss(model: Classifier, x: Tensor, y: Tensor, rng: SampleRNG) -> Tensor:
+    return F.cross_entropy(model(random_shift(x, rng)), y)
+
+
+LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss}

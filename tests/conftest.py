@@ -1,0 +1,21 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+ORACLES = Path(__file__).resolve().parents[2] / "shared" / "oracles"
+
+
+def oracle(name: str):
+    """Load an oracle file from ../shared/oracles, or skip with the reason."""
+    path = ORACLES / name
+    if not path.exists():
+        pytest.skip(f"reference outputs {path} are absent (they live in ../shared/oracles beside the repo)")
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
