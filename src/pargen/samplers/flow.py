@@ -1,7 +1,7 @@
 """TarFlow sampling: invert the blocks (last first) with the fixed-point engine.
 
 Inverting block k means solving x_t = z_t * exp(a_t(x_{<t})) + b_t(x_{<t}) for x, a causal system that
-`_BlockOperator` exposes to `fixed_point.solve`. A per-block `BlockPlan` picks the solver: sequential (one token
+`BlockOperator` exposes to `fixed_point.solve`. A per-block `BlockPlan` picks the solver: sequential (one token
 per call, KV-cached: the baseline), Jacobi, or GS-Jacobi with a segment count, an iteration cap and an initial guess.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..models.tarflow import MetaBlock, TarFlow
+from ..models.tarflow import TarFlow
 from ..nn.attention import KVCache
 from . import fixed_point
 from .fixed_point import FixedPointResult
@@ -73,27 +73,28 @@ class FlowSample:
         return sum(r.nfe for r in self.blocks) * (2 if self.guided else 1)
 
 
-class _BlockOperator:
+class BlockOperator:
     """x_t = z_t exp(a_t) + b_t for one block, in the block's token order, with an explicit KV cache."""
 
-    def __init__(self, block: MetaBlock, z: Tensor, y: Tensor | None, guidance: Guidance, layers: int,
-                 heads: int, head_dim: int):
+    def __init__(self, model: TarFlow, k: int, z: Tensor, y: Tensor | None, guidance: Guidance, cached: bool = True):
+        cfg = model.config
+        block = model.blocks[k]
         self.block, self.z, self.g = block, z, guidance
         B, T, _ = z.shape
         self.T = T
         cond = block.cond_embed(y)
+        self.q_scale = None
         if guidance.active:  # both branches in one batched call: [conditional; unconditional]
             uncond = block.cond_embed(None)
             cond = None if cond is None else torch.cat([cond.expand(B, 1, -1), uncond.expand(B, 1, -1)])
-            self.q_scale = None
             if guidance.attn_temp != 1.0:
                 s = torch.ones(2 * B, 1, 1, 1, dtype=z.dtype, device=z.device)
                 s[B:] = 1.0 / guidance.attn_temp
                 self.q_scale = s
-        else:
-            self.q_scale = None
         self.cond = cond
-        self.cache = KVCache.empty(layers, 2 * B if guidance.active else B, heads, T, head_dim, like=z)
+        # without a cache (the naive baseline) every call must start at position 0 and recompute the prefix
+        self.cache = KVCache.empty(cfg.layers_per_block, 2 * B if guidance.active else B, cfg.width // cfg.head_dim,
+                                   T, cfg.head_dim, like=z) if cached else None
 
     def __call__(self, x: Tensor, start: int, stop: int) -> Tensor:
         t0 = max(start - 1, 0)  # fed tokens t0 .. stop-2 give (a, b) for positions t0+1 .. stop-1
@@ -116,16 +117,16 @@ class _BlockOperator:
         return out
 
     def commit(self, x: Tensor, stop: int) -> None:
-        self.cache.commit(max(stop - 1, 0) - self.cache.length)
+        if self.cache is not None:
+            self.cache.commit(max(stop - 1, 0) - self.cache.length)
 
 
 def invert_block(model: TarFlow, k: int, z: Tensor, y: Tensor | None, plan: BlockPlan, tol: float = 0.0,
                  guidance: Guidance = Guidance(), callback=None) -> FixedPointResult:
     """Invert block k: z (B, T, D) in raster order -> the block's input, with the result in raster order."""
-    cfg = model.config
     block = model.blocks[k]
     zs = block.order(z)
-    op = _BlockOperator(block, zs, y, guidance, cfg.layers_per_block, cfg.width // cfg.head_dim, cfg.head_dim)
+    op = BlockOperator(model, k, zs, y, guidance)
     x0 = zs.clone()
     if plan.init == "zero":
         x0[:, 1:] = 0
@@ -176,3 +177,11 @@ def denoise(model: TarFlow, x: Tensor, y: Tensor | None = None, lr_scale: float 
         (grad,) = torch.autograd.grad(model.loss(x, y), x)
     lr = x.numel() * model.config.noise_std**2 * lr_scale
     return (x - lr * grad).detach()
+
+
+def noise(model: TarFlow, seeds: list[int], device: torch.device | str = "cpu") -> Tensor:
+    """Latent noise (B, T, D), one stream per seed: a sample depends on its seed only."""
+    from ..rng import SampleRNG
+
+    cfg = model.config
+    return SampleRNG(seeds).randn(cfg.seq_len, cfg.patch_dim).to(device=device, dtype=model.var.dtype)

@@ -1,0 +1,152 @@
+"""Automatic GS-Jacobi strategy for a TarFlow (the paper, arXiv 2505.12849, leaves it to hand tuning).
+
+1. Diagnostics on training images, per block: the Convergence Ranking Metric
+       CRM = ||mean_batch(exp(-a) * x)||_2 * ||W_a||_2 + ||W_b||_2
+   (W_a, W_b the halves of proj_out.weight; matrix 2-norms, as the authors' code computes it) and the Initial
+   Guessing Metric IGM(init) = ||mean_batch(F(init) - x)||_2, one Jacobi step from each candidate initial guess.
+   We evaluate them with the true labels (the authors' code uses the mean class embedding).
+2. Measurement on the sampler's own inputs: sequential sampling of a calibration batch gives every block's
+   true input and output; each candidate (segments, initial guess) is run per block at the tolerance, timed,
+   and checked against the sequential output. The fastest candidate within the error budget wins, per batch size.
+3. The whole plan is verified end to end against sequential sampling; if the error exceeds the target the
+   tolerance is tightened and the search repeats.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import checkpoint
+from ..errors import PargenError
+from ..models.tarflow import TarFlow
+from ..samplers import flow
+
+SEGMENT_CHOICES = (1, 2, 4, 8, 16)
+INITS = ("z", "zero")
+
+
+@torch.inference_mode()
+def diagnostics(model: TarFlow, x: Tensor, y: Tensor | None) -> list[dict[str, float]]:
+    """CRM and IGM per block, listed in sampling order (index 0 = last forward block)."""
+    h = model.patchify(x)
+    rows = []
+    D = model.config.patch_dim
+    for k, block in enumerate(model.blocks):
+        z, _ = block(h, y)
+        xs, zs = block.order(h), block.order(z)
+        cond = block.cond_embed(y)
+        raw = block.hidden(xs, 0, cond)
+        raw = torch.cat([torch.zeros_like(raw[:, :1]), raw[:, :-1]], dim=1)
+        a, b = block.split(raw)
+        W = block.proj_out.weight
+        w_a = torch.linalg.matrix_norm(W[:D], ord=2) if model.config.nvp else torch.zeros(())
+        w_b = torch.linalg.matrix_norm(W[D:] if model.config.nvp else W, ord=2)
+        crm = torch.linalg.matrix_norm((torch.exp(-a) * xs).mean(0), ord=2) * w_a + w_b
+        igm = {}
+        for init in INITS:
+            guess = zs.clone()
+            if init == "zero":
+                guess[:, 1:] = 0
+            g = block.hidden(guess, 0, cond)
+            g = torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], dim=1)
+            ga, gb = block.split(g)
+            step = zs * torch.exp(ga) + gb
+            igm[init] = float(torch.linalg.matrix_norm((step - xs).mean(0), ord=2))
+        rows.append({"block": k, "crm": float(crm), "igm_z": igm["z"], "igm_zero": igm["zero"]})
+        h = z
+    rows.reverse()
+    total = sum(r["crm"] for r in rows)
+    for i, r in enumerate(rows):
+        r["sampling_index"] = i
+        r["crm_percent"] = 100 * r["crm"] / total
+    return rows
+
+
+@dataclass
+class Candidate:
+    segments: int
+    init: str
+    seconds: float
+    iters: list[int]
+    rel_err: float
+
+
+def _timed(fn, repeats: int) -> tuple[Any, float]:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+@torch.inference_mode()
+def search(model: TarFlow, noise: Tensor, y: Tensor | None, tol: float, guidance: flow.Guidance,
+           err_budget: float, repeats: int = 3, log=print) -> tuple[list[flow.BlockPlan], list[list[Candidate]]]:
+    """Per block (sampling order): time every candidate on the true block inputs; keep the fastest within budget."""
+    ref = flow.sample(model, noise, y, guidance=guidance, trace=True)
+    T = model.config.seq_len
+    n = len(model.blocks)
+    plans, tables = [], []
+    for i, k in enumerate(reversed(range(n))):
+        z_in = model.patchify(ref.trace[i])
+        x_out = model.patchify(ref.trace[i + 1])
+        seq, seq_s = _timed(lambda: flow.invert_block(model, k, z_in, y, flow.SEQUENTIAL, guidance=guidance), repeats)
+        cands = [Candidate(T, "z", seq_s, seq.iters, 0.0)]
+        for s in SEGMENT_CHOICES:
+            if s >= T:
+                continue
+            for init in INITS:
+                plan = flow.BlockPlan(segments=s, init=init)
+                res, sec = _timed(lambda: flow.invert_block(model, k, z_in, y, plan, tol, guidance), repeats)
+                err = float((res.x - x_out).norm() / x_out.norm())
+                cands.append(Candidate(s, init, sec, res.iters, err))
+        ok = [c for c in cands if c.rel_err <= err_budget]
+        best = min(ok, key=lambda c: c.seconds)
+        cap = None if best.segments >= T else max(1, math.ceil(1.5 * max(best.iters)))
+        plans.append(flow.BlockPlan(segments=best.segments, init=best.init, max_iters=cap))
+        tables.append(cands)
+        log(f"  block {i} (forward {k}): sequential {seq_s * 1e3:.1f} ms -> segments={best.segments} "
+            f"init={best.init} {best.seconds * 1e3:.1f} ms, iters {best.iters}, rel err {best.rel_err:.1e}")
+    return plans, tables
+
+
+def plan_path(ckpt: str | Path) -> Path:
+    s = checkpoint.stem(ckpt)
+    return s.with_name(s.name + ".plan.json")
+
+
+def plan_to_json(plans: list[flow.BlockPlan], tol: float) -> dict[str, Any]:
+    return {"tol": tol, "blocks": [asdict(p) for p in plans]}
+
+
+def plan_from_json(d: dict[str, Any]) -> tuple[list[flow.BlockPlan], float]:
+    try:
+        return [flow.BlockPlan(**b) for b in d["blocks"]], float(d["tol"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PargenError(f"invalid sampling plan: {e}") from None
+
+
+def load_plan(ckpt: str | Path, batch: int) -> tuple[list[flow.BlockPlan], float] | None:
+    """The calibrated plan for the batch size closest to `batch` (None if the checkpoint has no plan)."""
+    p = plan_path(ckpt)
+    if not p.exists():
+        return None
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PargenError(f"sampling plan {p} is corrupt: {e}") from None
+    by_batch = d.get("by_batch", {})
+    if not by_batch:
+        raise PargenError(f"sampling plan {p} holds no plans")
+    key = min(by_batch, key=lambda b: abs(math.log(int(b)) - math.log(max(1, batch))))
+    return plan_from_json(by_batch[key])

@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pargen.cli.main import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pargen", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "tarflow-tiny", "--data", "nope", "--out", "x"], "unknown dataset"),
+    (["train", "no-model", "--data", "digits", "--out", "x"], "unknown model"),
+    (["train", "tarflow-tiny", "--data", "digits", "--out", "x", "--batch-size", "-3"], "positive integer"),
+    (["train", "tarflow-mnist", "--data", "digits", "--out", "x"], "expects 1x28x28"),
+    (["train", "tarflow-tiny", "--data", "digits", "--out", "x", "--set", "depth=3"], "bad override"),
+    (["sample", "missing-ckpt"], "no checkpoint"),
+    (["sample", "classifier-mnist"], "classifier checkpoint"),
+    (["sample", "tarflow-mnist", "--method", "magic"], "invalid choice"),
+    (["bench", "unknown-family"], "invalid choice"),
+])
+def test_bad_input_gives_one_line_error(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_train_then_sample_then_eval(tmp_path):
+    out = tmp_path / "flow"
+    assert main(["train", "tarflow-tiny", "--data", "digits", "--steps", "5", "--batch-size", "8",
+                 "--out", str(out), "--export-fp16", str(tmp_path / "flow16")]) == 0
+    meta = json.loads((tmp_path / "flow16.json").read_text())
+    assert meta["recipe"].startswith("pargen train tarflow-tiny") or meta["recipe"] == "pargen train "
+    grid = tmp_path / "g.png"
+    assert main(["sample", str(out), "--n", "4", "--out", str(grid), "--method", "jacobi", "--each",
+                 str(tmp_path / "each")]) == 0
+    assert grid.exists() and len(list((tmp_path / "each").glob("*.png"))) == 4
+    r = run_cli("eval", str(out), "--data", "digits", "--n", "8", "--classifier", str(out))
+    assert r.returncode == 2 and "not a classifier" in r.stderr
