@@ -41,3 +41,12 @@ def test_train_then_sample_then_eval(tmp_path):
     assert grid.exists() and len(list((tmp_path / "each").glob("*.png"))) == 4
     r = run_cli("eval", str(out), "--data", "digits", "--n", "8", "--classifier", str(out))
     assert r.returncode == 2 and "not a classifier" in r.stderr
+
+
+def test_demo_quick_writes_a_report(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    page = (out / "index.html").read_text()
+    assert "<table" in page and "speedup" in page
+    for src in ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png"):
+        assert f"src='{src}'" in page and (out / src).stat().st_size > 0
