@@ -50,3 +50,14 @@ def test_demo_quick_writes_a_report(tmp_path):
     assert "<table" in page and "speedup" in page
     for src in ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png"):
         assert f"src='{src}'" in page and (out / src).stat().st_size > 0
+
+
+def test_eval_on_a_folder_of_images(tmp_path):
+    from pargen import data, images
+
+    digits = data.load("digits", "test")
+    images.save_each(digits.float(slice(0, 12)), tmp_path / "imgs", [f"{i}" for i in range(12)])
+    out = tmp_path / "scores.json"
+    assert main(["eval", f"folder:{tmp_path / 'imgs'}", "--data", "digits", "--n", "12", "--json", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert scores["n"] == 12 and scores["classifier_fid"] >= 0 and 1 <= scores["classifier_is"] <= 10

@@ -40,10 +40,6 @@ class ImageData:
         x = self.images if idx is None else self.images[idx]
         return x.float().div(127.5).sub(1.0)
 
-    def subset(self, n: int) -> "ImageData":
-        labels = None if self.labels is None else self.labels[:n]
-        return ImageData(self.images[:n], labels, self.num_classes, self.name)
-
 
 def names() -> list[str]:
     return ["mnist", "fashion-mnist", "digits", "emoji", "folder:PATH"]

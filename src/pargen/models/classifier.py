@@ -43,7 +43,9 @@ class Classifier(nn.Module):
         self.head = nn.Linear(cfg.feature_dim, cfg.num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        """Images in [-1, 1] (B, C, H, W) -> (B, feature_dim) penultimate features."""
+        """Images in [-1, 1] (B, C, H, W) -> (B, feature_dim); other sizes and RGB/gray are adapted."""
+        if x.shape[1] != self.config.in_channels:
+            x = x.mean(1, keepdim=True) if self.config.in_channels == 1 else x.expand(-1, self.config.in_channels, -1, -1)
         if x.shape[-1] != self.config.img_size:
             x = F.interpolate(x, size=(self.config.img_size,) * 2, mode="bilinear", align_corners=False)
         return F.relu(self.fc(self.body(x)))
@@ -53,4 +55,5 @@ class Classifier(nn.Module):
 
 
 register_preset("classifier-mnist", "classifier", ClassifierConfig())
+register_preset("classifier-fashion-mnist", "classifier", ClassifierConfig())
 register_preset("classifier-tiny", "classifier", ClassifierConfig(img_size=8, width=8, feature_dim=16))

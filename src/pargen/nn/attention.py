@@ -29,10 +29,6 @@ class KVCache:
             raise ValueError(f"cache overflow: {self.length} + {m} > {self.k.shape[3]}")
         self.length += m
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k[:, :, :, : self.length].numel() * self.k.element_size()
-
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int, scale: float,
            causal: bool = True) -> Tensor:
