@@ -31,10 +31,11 @@ def test_bad_input_gives_one_line_error(args, message):
 
 def test_train_then_sample_then_eval(tmp_path):
     out = tmp_path / "flow"
-    assert main(["train", "tarflow-tiny", "--data", "digits", "--steps", "5", "--batch-size", "8",
-                 "--out", str(out), "--export-fp16", str(tmp_path / "flow16")]) == 0
+    argv = ["train", "tarflow-tiny", "--data", "digits", "--steps", "5", "--batch-size", "8",
+            "--out", str(out), "--export-fp16", str(tmp_path / "flow16")]
+    assert main(argv) == 0
     meta = json.loads((tmp_path / "flow16.json").read_text())
-    assert meta["recipe"].startswith("pargen train tarflow-tiny") or meta["recipe"] == "pargen train "
+    assert meta["recipe"] == "pargen " + " ".join(argv) and meta["steps"] == 5
     grid = tmp_path / "g.png"
     assert main(["sample", str(out), "--n", "4", "--out", str(grid), "--method", "jacobi", "--each",
                  str(tmp_path / "each")]) == 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -298,17 +299,9 @@ def cmd_train(args) -> int:
             extra["test_bpd"] = metrics.bits_per_dim(model_eval, test)
             print(f"test bits/dim: {extra['test_bpd']:.4f}")
     if args.export_fp16:
-        line = "pargen train " + " ".join(_argv_tail())
-        meta_out = {**checkpoint.read_meta(args.out), **extra, "recipe": line}
-        meta_out.pop("family", None), meta_out.pop("config", None)
+        line = "pargen " + " ".join(shlex.quote(a) for a in args.argv)
+        meta_out = {k: v for k, v in checkpoint.read_meta(args.out).items() if k not in ("family", "config")}
+        meta_out.update(extra, recipe=line)
         checkpoint.save(args.export_fp16, res.model, meta_out, dtype=torch.float16)
         print(f"fp16 export: {checkpoint.stem(args.export_fp16)}")
     return 0
-
-
-def _argv_tail() -> list[str]:
-    import shlex
-    import sys
-
-    argv = sys.argv[1:]
-    return [shlex.quote(a) for a in argv[argv.index("train") + 1:]] if "train" in argv else []

@@ -63,15 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export-fp16", default=None, metavar="PATH", help="also write fp16 weights here at the end")
     t.add_argument("--eval", action="store_true", help="report test accuracy / bits per dim at the end")
 
-    ls = sub.add_parser("list", help="list model presets, datasets and bundled checkpoints")
-    del ls
+    sub.add_parser("list", help="list model presets, datasets and bundled checkpoints")
 
     commands.add_parsers(sub, _positive_int, _nonneg_float)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded as the recipe of exported checkpoints
     import torch
 
     if args.threads:
