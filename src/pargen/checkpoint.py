@@ -20,7 +20,7 @@ from .config import from_dict, to_dict
 from .errors import PargenError
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder, then rename: a crash never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -51,8 +51,8 @@ def save(path: str | os.PathLike, model: torch.nn.Module, extra: dict[str, Any] 
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in model.state_dict().items()}
     meta = {"family": model.family, "config": to_dict(model.config), **(extra or {})}
-    _atomic_write(s.with_name(s.name + ".safetensors"), lambda tmp: save_file(tensors, tmp))
-    _atomic_write(s.with_name(s.name + ".json"),
+    atomic_write(s.with_name(s.name + ".safetensors"), lambda tmp: save_file(tensors, tmp))
+    atomic_write(s.with_name(s.name + ".json"),
                   lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return s
 
@@ -116,7 +116,7 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     s = stem(path)
-    _atomic_write(s.with_name(s.name + ".state.pt"), lambda tmp: torch.save(state, tmp))
+    atomic_write(s.with_name(s.name + ".state.pt"), lambda tmp: torch.save(state, tmp))
 
 
 def load_state_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 
 from .. import checkpoint, data, registry
 from ..errors import PargenError
+from ..evaluation.bench import write_json
 
 
 def add_parsers(sub, positive_int, nonneg_float) -> None:
@@ -149,17 +149,17 @@ def cmd_eval(args) -> int:
     from . import tarflow as tf
 
     result: dict = {}
+    test = data.load(args.data, "test")
     if args.target.startswith("folder:"):
         fake = _load_images_folder(args.target)[: args.n]
-        model = meta = None
     else:
         model, meta, path = _load(args.target, args.device)
         result["checkpoint"] = str(path)
         if meta["family"] == "classifier":
-            test = data.load(args.data, "test")
             result["test_accuracy"] = metrics.accuracy(model, test)
             print(f"test accuracy on {args.data}: {result['test_accuracy']:.4f}")
-            _write_json(args.json, result)
+            if args.json:
+                write_json(result, args.json)
             return 0
         plan, tol, desc, guidance = _sampling_setup(args, model, meta, path, args.batch_size)
         seeds = list(range(args.seed, args.seed + args.n))
@@ -167,11 +167,9 @@ def cmd_eval(args) -> int:
         fake, _ = tf.generate(model, seeds, y, plan, tol, guidance, not args.no_denoise, args.batch_size,
                               args.device)
         result.update(method=desc, tol=tol, guidance=guidance.scale)
-        test = data.load(args.data, "test")
         if meta["family"] == "tarflow":
             result["test_bpd"] = metrics.bits_per_dim(model, test)
             print(f"test bits/dim: {result['test_bpd']:.4f}")
-    test = data.load(args.data, "test")
     real = test.float()[: max(args.n, 1000)]
     clf, _ = checkpoint.load(checkpoint.resolve(args.classifier))
     if clf.family != "classifier":
@@ -183,14 +181,9 @@ def cmd_eval(args) -> int:
         inc = metrics.scores(real, fake, metrics.inception_features())
         result["inception_fid"] = inc["fid"]
         print(f"Inception FID {inc['fid']:.2f}")
-    _write_json(args.json, result)
+    if args.json:
+        write_json(result, args.json)
     return 0
-
-
-def _write_json(path, obj) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def cmd_bench(args) -> int:
@@ -202,7 +195,7 @@ def cmd_bench(args) -> int:
     guidance = tf.default_guidance(meta, args.cfg, None, None)
     print(f"bench {args.family}: {path.name}, batches {args.batch}, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads, guidance {guidance.scale:g}")
-    records = tf.bench(model, path, meta, args.batch, args.repeats, args.tol, guidance, args.seed)
+    records = tf.bench(model, path, args.batch, args.repeats, args.tol, guidance, args.seed)
     if args.fid:
         clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
         real = data.load("mnist", "test").float()
@@ -218,7 +211,7 @@ def cmd_bench(args) -> int:
                     r["fid"], r["fid_n"] = fid, args.fid
     print(benchmod.table(records))
     if args.json:
-        benchmod.write_json(records, args.json)
+        write_json(records, args.json)
         print(f"records written to {args.json}")
     return 0
 

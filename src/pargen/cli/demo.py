@@ -31,7 +31,7 @@ def _tarflow_section(out: Path, quick: bool) -> dict:
     images.save_grid(seq, out / "tarflow_sequential.png", nrow=8, scale=3)
     images.save_grid(fast, out / "tarflow_fast.png", nrow=8, scale=3)
     print(f"  tarflow: {n} images sequential {t_seq:.2f}s, {desc} {t_fast:.2f}s")
-    records = tf.bench(model, path, meta, [1] if quick else [1, 16], 2 if quick else 5, None, guidance, 0,
+    records = tf.bench(model, path, [1] if quick else [1, 16], 2 if quick else 5, None, guidance, 0,
                        naive=False)
     tf._plot_residuals(model, guidance, 0, out / "tarflow_residuals.png")
     return {"title": "TarFlow + GS-Jacobi (MNIST)", "records": records,

@@ -82,7 +82,7 @@ def cost(res: flow.FlowSample) -> dict[str, Any]:
             "fallbacks": sum(s.fallback for r in res.blocks for s in r.segments)}
 
 
-def bench(model: TarFlow, ckpt: Path, meta: dict, batches: list[int], repeats: int, tol: float | None,
+def bench(model: TarFlow, ckpt: Path, batches: list[int], repeats: int, tol: float | None,
           guidance: flow.Guidance, seed: int, naive: bool = True) -> list[dict[str, Any]]:
     """Sequential vs Jacobi vs GS-Jacobi (calibrated plan) on the same noise, per batch size."""
     records = []
@@ -164,7 +164,7 @@ def calibrate(model: TarFlow, ckpt: Path, train_x: torch.Tensor, train_y, batche
                             "sequential_rounds": ref.rounds}
     doc = {"checkpoint": ckpt.name, "target_rel_err": target_err, "diagnostics": rows, "by_batch": by_batch}
     path = cal.plan_path(ckpt)
-    checkpoint._atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
     print(f"plan saved to {path}")
     if plot is not None:
         _plot_residuals(model, guidance, seed, plot)

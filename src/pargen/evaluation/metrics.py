@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,9 @@ def bits_per_dim(model, data: ImageData, n: int | None = None, batch: int = 250,
 
 
 class _Features(nn.Module):
-    """Wrap a feature extractor for torchmetrics: input float images in [-1, 1]."""
+    """Wrap a feature function for torchmetrics: input float images in [-1, 1]."""
 
-    def __init__(self, net: nn.Module, dim: int):
+    def __init__(self, net: Callable[[Tensor], Tensor], dim: int):
         super().__init__()
         self.net, self.num_features = net, dim
 
@@ -71,16 +72,7 @@ def inception_features() -> _Features:
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return net(x)
 
-    return _Features(_Lambda(feats), 2048)
-
-
-class _Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
+    return _Features(feats, 2048)
 
 
 @torch.inference_mode()

@@ -108,7 +108,6 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     meta = {**(meta or {}), "train": to_dict(cfg)}
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    local = cfg.batch_size // world
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                desc="train", dynamic_ncols=True)
     t0 = time.perf_counter()
