@@ -21,6 +21,7 @@ def run_cli(*args):
     (["sample", "classifier-mnist"], "classifier checkpoint"),
     (["sample", "tarflow-mnist", "--method", "magic"], "invalid choice"),
     (["bench", "unknown-family"], "invalid choice"),
+    (["sample", "tarflow-mnist", "--method", "picard"], "unknown method"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     r = run_cli(*args)
@@ -42,6 +43,32 @@ def test_train_then_sample_then_eval(tmp_path):
     assert grid.exists() and len(list((tmp_path / "each").glob("*.png"))) == 4
     r = run_cli("eval", str(out), "--data", "digits", "--n", "8", "--classifier", str(out))
     assert r.returncode == 2 and "not a classifier" in r.stderr
+
+
+def test_train_denoiser_then_sample_parallel_and_bench(tmp_path, capsys):
+    out = tmp_path / "dn"
+    assert main(["train", "denoiser-tiny", "--data", "digits", "--steps", "5", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    grid = tmp_path / "g.png"
+    for method in ("sequential", "picard", "block"):
+        assert main(["sample", str(out), "--n", "3", "--out", str(grid), "--method", method, "--sampler", "ddpm",
+                     "--steps", "20", "--window", "5", "--cfg", "2"]) == 0
+        assert grid.exists()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "ddpm 20 steps, block Picard" in line
+    r = run_cli("sample", str(out), "--sampler", "ode", "--eta", "0.5")
+    assert r.returncode == 2 and "--eta applies to the ddim sampler only" in r.stderr
+    r = run_cli("sample", str(out), "--steps", "5000")
+    assert r.returncode == 2 and "number of steps" in r.stderr
+    js = tmp_path / "bench.json"
+    assert main(["bench", "diffusion", "--checkpoint", str(out), "--samplers", "ddim", "ode", "--batch", "2",
+                 "--repeats", "1", "--json", str(js)]) == 0
+    recs = json.loads(js.read_text())
+    assert [(r["sampler"], r["method"]) for r in recs] == [(s, m) for s in ("ddim", "ode")
+                                                           for m in ("sequential", "picard", "block")]
+    for r in recs:
+        assert r["rounds"] > 0 and r["call_cost_ratio"] > 0 and r["fallbacks"] == 0
+        assert r["rounds"] == (100 if r["sampler"] == "ddim" else 99) or r["method"] != "sequential"
 
 
 def test_demo_quick_writes_a_report(tmp_path):

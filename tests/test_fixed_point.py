@@ -41,6 +41,39 @@ def test_jacobi_and_gs_jacobi_reproduce_sequential_exactly(seed, T, B, nseg, zer
     torch.testing.assert_close(gs.x, ref.x, atol=1e-10, rtol=0)
 
 
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), T=st.integers(2, 16), window=st.integers(2, 16), anderson=st.integers(0, 3),
+       carry=st.booleans())
+def test_windows_carry_and_anderson_stay_exact(seed, T, window, anderson, carry):
+    f, z = random_causal_map(seed, 2, T, 3, strength=1.0)
+    op = fp.FunctionOperator(f)
+    ref = fp.sequential(op, z)
+    got = fp.solve(op, z, window=window, anderson=anderson, carry=carry)
+    assert got.rounds <= T and got.converged
+    torch.testing.assert_close(got.x, ref.x, atol=1e-10, rtol=0)
+
+
+def test_per_position_scale_sets_the_stopping_rule():
+    f, z = random_causal_map(2, 1, 12, 3, strength=1.0)
+    op = fp.FunctionOperator(f)
+    loose = fp.solve(op, z, tol=1e-3, scale=torch.full((12,), 1e3))  # every change looks tiny
+    assert loose.rounds == 1
+    with pytest.raises(ValueError, match="scale must have shape"):
+        fp.solve(op, z, tol=1e-3, scale=torch.ones(5))
+
+
+def test_windowed_answer_does_not_depend_on_the_batch():
+    f, z = random_causal_map(3, 3, 20, 2, strength=1.5)
+    both = fp.solve(fp.FunctionOperator(f), z, window=5, tol=1e-3, anderson=2).x
+    for i in range(3):
+        def fi(x, i=i):  # sample i alone (the map's z row is picked by position in the batch)
+            n = x.shape[1]
+            return f(torch.cat([z[:i, :n], x, z[i + 1:, :n]]))[i:i + 1]
+
+        one = fp.solve(fp.FunctionOperator(fi), z[i:i + 1], window=5, tol=1e-3, anderson=2).x
+        torch.testing.assert_close(one[0], both[i], atol=1e-12, rtol=0)
+
+
 def test_tolerance_stops_early_and_error_is_small():
     f, z = random_causal_map(0, 4, 32, 4, strength=1.0)
     op = fp.FunctionOperator(f)

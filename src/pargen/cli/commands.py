@@ -10,23 +10,39 @@ import torch
 from .. import checkpoint, data, registry
 from ..errors import PargenError
 from ..evaluation.bench import write_json
+from .common import labels_for
 
 
 def add_parsers(sub, positive_int, nonneg_float) -> None:
-    from .tarflow import METHODS
+    from .diffusion import METHODS as DIFFUSION_METHODS
+    from .tarflow import METHODS as TARFLOW_METHODS
 
     def sampling_args(q):
-        q.add_argument("--method", default="auto", choices=METHODS,
-                       help="sampler: auto (calibrated GS-Jacobi plan), sequential, jacobi, gs-jacobi")
-        q.add_argument("--tol", type=nonneg_float, default=None, help="fixed-point tolerance (relative change)")
-        q.add_argument("--segments", type=positive_int, default=None, help="GS-Jacobi segments per block")
+        q.add_argument("--method", default="auto", choices=sorted(set(TARFLOW_METHODS + DIFFUSION_METHODS)),
+                       help="sampler. TarFlow: auto (calibrated GS-Jacobi plan), sequential, jacobi, gs-jacobi. "
+                            "Diffusion: auto (the checkpoint's tuned parallel setting), sequential, picard "
+                            "(sliding window), block (block Picard)")
+        q.add_argument("--tol", type=nonneg_float, default=None,
+                       help="fixed-point tolerance (TarFlow: relative change; diffusion: relative to each step's "
+                            "noise std)")
         q.add_argument("--cfg", type=nonneg_float, default=None, help="guidance scale (default: the checkpoint's)")
-        q.add_argument("--attn-temp", type=nonneg_float, default=None,
-                       help="attention temperature of the unconditional branch")
-        q.add_argument("--annealed", action=argparse.BooleanOptionalAction, default=None,
-                       help="ramp the guidance scale over the tokens")
-        q.add_argument("--no-denoise", action="store_true", help="skip the score-based denoising step")
         q.add_argument("--batch-size", type=positive_int, default=16)
+        t = q.add_argument_group("TarFlow")
+        t.add_argument("--segments", type=positive_int, default=None, help="GS-Jacobi segments per block")
+        t.add_argument("--attn-temp", type=nonneg_float, default=None,
+                       help="attention temperature of the unconditional branch")
+        t.add_argument("--annealed", action=argparse.BooleanOptionalAction, default=None,
+                       help="ramp the guidance scale over the tokens")
+        t.add_argument("--no-denoise", action="store_true", help="skip the score-based denoising step")
+        d = q.add_argument_group("diffusion")
+        d.add_argument("--sampler", choices=["ddpm", "ddim", "ode"], default=None,
+                       help="ddpm (ancestral), ddim, ode (Heun on the probability-flow ODE); default ddim")
+        d.add_argument("--steps", type=positive_int, default=None, help="sampler steps (ddim 100, ddpm 1000, ode 50)")
+        d.add_argument("--eta", type=nonneg_float, default=None, help="DDIM eta (0: deterministic)")
+        d.add_argument("--window", type=positive_int, default=None, help="Picard window (steps per model call)")
+        d.add_argument("--block", type=positive_int, default=None, help="block-Picard block length M")
+        d.add_argument("--sweeps", type=positive_int, default=None, help="block-Picard sweeps per block K")
+        d.add_argument("--anderson", type=int, default=None, help="Anderson history depth (0: off)")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid",
                        description="Sample images. Seeds are per image (seed, seed+1, ...), so an image does not "
@@ -56,7 +72,7 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        description="Runs the baseline and the fast samplers in one process on the same model and "
                                    "noise (warm-up, then --repeats timed runs) and reports rounds, model evaluations, "
                                    "wall medians, speed-up and error against the baseline.")
-    b.add_argument("family", choices=["tarflow"], help="model family")
+    b.add_argument("family", choices=["tarflow", "diffusion"], help="model family")
     b.add_argument("--checkpoint", default=None, help="default: the bundled model of the family")
     b.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16])
     b.add_argument("--repeats", type=positive_int, default=5)
@@ -64,7 +80,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     b.add_argument("--cfg", type=nonneg_float, default=None)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--fid", type=positive_int, default=None, metavar="N",
-                   help="also FID of N samples for the baseline and the calibrated sampler")
+                   help="also the classifier FID of N samples for the baseline and the fast samplers")
+    b.add_argument("--samplers", nargs="+", choices=["ddim", "ddpm", "ode"], default=["ddim", "ddpm", "ode"],
+                   help="diffusion samplers to time (each with its default step count)")
     b.add_argument("--json", default=None, help="write the records here")
 
     c = sub.add_parser("calibrate", help="choose per-block GS-Jacobi plans automatically (TarFlow)",
@@ -110,32 +128,45 @@ def _load(name: str, device: str):
     return model.to(device), meta, path
 
 
-def _sampling_setup(args, model, meta, path, batch):
-    from . import tarflow as tf
+def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = True):
+    """(images, description, cost line) for a generative checkpoint, by family."""
+    if meta["family"] == "tarflow":
+        from . import tarflow as tf
 
-    if meta["family"] != "tarflow":
-        raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow")
-    plan, tol, desc = tf.resolve_plan(path, args.method, batch, args.tol, args.segments)
-    guidance = tf.default_guidance(meta, args.cfg, args.annealed, args.attn_temp)
-    return plan, tol, desc, guidance
+        plan, tol, desc = tf.resolve_plan(path, args.method, args.batch_size, args.tol, args.segments)
+        guidance = tf.default_guidance(meta, args.cfg, args.annealed, args.attn_temp)
+        x, runs = tf.generate(model, seeds, y, plan, tol, guidance, not args.no_denoise, args.batch_size,
+                              args.device, progress)
+        desc = f"{desc}, tol {tol:g}, guidance {guidance.scale:g}"
+        unit = "token"
+    elif meta["family"] == "denoiser":
+        from . import diffusion as dm
+
+        st = dm.settings(meta, args.sampler, args.steps, args.eta, args.cfg, args.method, args.window, args.tol,
+                         args.block, args.sweeps, args.anderson)
+        x, runs = dm.generate(model, seeds, y, st, args.batch_size, args.device, progress)
+        desc = f"{st.describe()}, guidance {st.guidance:g}"
+        unit = "step"
+    else:
+        raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow, denoiser")
+    rounds = sum(r.rounds for r in runs) / len(runs)
+    nfe = sum(r.nfe for r in runs) / len(runs)
+    return x, desc, f"{rounds:.0f} sequential model calls per batch, {nfe:.0f} {unit} evaluations per image"
 
 
 def cmd_sample(args) -> int:
-    from .. import images
-    from . import tarflow as tf
+    from .. import distributed, images
 
+    rank, _ = distributed.init()  # under torchrun, every model call of a diffusion sampler is split over ranks
     model, meta, path = _load(args.checkpoint, args.device)
-    plan, tol, desc, guidance = _sampling_setup(args, model, meta, path, args.batch_size)
     seeds = list(range(args.seed, args.seed + args.n))
-    y = tf.labels_for(model, seeds, args.labels)
-    x, runs = tf.generate(model, seeds, y, plan, tol, guidance, not args.no_denoise, args.batch_size, args.device)
+    x, desc, costs = _generate(args, model, meta, path, seeds, labels_for(model, seeds, args.labels), rank == 0)
+    if rank:
+        return 0
     out = images.save_grid(x, args.out, scale=2)
     if args.each:
         images.save_each(x, args.each, [f"seed{s:06d}" for s in seeds])
-    rounds = sum(r.rounds for r in runs) / len(runs)
-    nfe = sum(r.nfe for r in runs) / len(runs)
-    print(f"{len(seeds)} images -> {out} | {desc}, tol {tol:g}, guidance {guidance.scale:g} | "
-          f"{rounds:.0f} sequential model calls per batch, {nfe:.0f} token evaluations per image")
+    print(f"{len(seeds)} images -> {out} | {desc} | {costs}")
     return 0
 
 
@@ -146,7 +177,6 @@ def _load_images_folder(spec: str) -> torch.Tensor:
 
 def cmd_eval(args) -> int:
     from ..evaluation import metrics
-    from . import tarflow as tf
 
     result: dict = {}
     test = data.load(args.data, "test")
@@ -161,12 +191,9 @@ def cmd_eval(args) -> int:
             if args.json:
                 write_json(result, args.json)
             return 0
-        plan, tol, desc, guidance = _sampling_setup(args, model, meta, path, args.batch_size)
         seeds = list(range(args.seed, args.seed + args.n))
-        y = tf.labels_for(model, seeds, None)
-        fake, _ = tf.generate(model, seeds, y, plan, tol, guidance, not args.no_denoise, args.batch_size,
-                              args.device)
-        result.update(method=desc, tol=tol, guidance=guidance.scale)
+        fake, desc, _ = _generate(args, model, meta, path, seeds, labels_for(model, seeds, None))
+        result.update(method=desc)
         if meta["family"] == "tarflow":
             result["test_bpd"] = metrics.bits_per_dim(model, test)
             print(f"test bits/dim: {result['test_bpd']:.4f}")
@@ -191,6 +218,8 @@ def cmd_bench(args) -> int:
     from ..evaluation import metrics
     from . import tarflow as tf
 
+    if args.family == "diffusion":
+        return _bench_diffusion(args)
     model, meta, path = _load(args.checkpoint or f"{args.family}-mnist", args.device)
     guidance = tf.default_guidance(meta, args.cfg, None, None)
     print(f"bench {args.family}: {path.name}, batches {args.batch}, {args.repeats} repeats, "
@@ -200,7 +229,7 @@ def cmd_bench(args) -> int:
         clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
         real = data.load("mnist", "test").float()
         seeds = list(range(args.seed, args.seed + args.fid))
-        y = tf.labels_for(model, seeds, None)
+        y = labels_for(model, seeds, None)
         for method in ("sequential", "auto"):
             # the batch-1 plan is the most parallel one; results do not depend on the batch they run in
             plan, tol, _ = tf.resolve_plan(path, method, 1, args.tol, None, quiet=True)
@@ -209,6 +238,42 @@ def cmd_bench(args) -> int:
             for r in records:
                 if r["method"] == ("sequential" if method == "sequential" else "gs-jacobi-auto"):
                     r["fid"], r["fid_n"] = fid, args.fid
+    print(benchmod.table(records))
+    if args.json:
+        write_json(records, args.json)
+        print(f"records written to {args.json}")
+    return 0
+
+
+def _bench_diffusion(args) -> int:
+    from ..evaluation import bench as benchmod
+    from ..evaluation import metrics
+    from . import diffusion as dm
+
+    model, meta, path = _load(args.checkpoint or "denoiser-mnist", args.device)
+    if meta["family"] != "denoiser":
+        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a diffusion denoiser")
+    print(f"bench diffusion: {path.name}, samplers {args.samplers}, batches {args.batch}, {args.repeats} repeats, "
+          f"{torch.get_num_threads()} threads")
+    records = dm.bench(model, meta, args.samplers, args.batch, args.repeats, args.seed, args.cfg)
+    if args.fid:
+        clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
+        real = data.load("mnist", "test").float()
+        feats = metrics.classifier_features(clf)
+        seeds = list(range(args.seed, args.seed + args.fid))
+        y = labels_for(model, seeds, None)
+        fids = {}
+        for r in records:
+            key = (r["sampler"], r["method"])
+            if key not in fids:
+                st = dm.settings(meta, sampler=r["sampler"], cfg=args.cfg)
+                over = {} if r["method"] == "picard+anderson" else {"anderson": 0}
+                method = "picard" if r["method"] == "picard+anderson" else r["method"]
+                st = dm.dataclasses.replace(st, method=method, **over)
+                print(f"  FID of {args.fid} images: {st.describe()}")
+                fake, _ = dm.generate(model, seeds, y, st, 50, args.device)
+                fids[key] = metrics.scores(real, fake, feats)["fid"]
+            r["fid"], r["fid_n"] = fids[key], args.fid
     print(benchmod.table(records))
     if args.json:
         write_json(records, args.json)

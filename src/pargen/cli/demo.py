@@ -12,6 +12,7 @@ from ..errors import PargenError
 from ..evaluation import bench as benchmod
 from ..samplers import flow
 from . import tarflow as tf
+from .common import labels_for
 
 
 def _tarflow_section(out: Path, quick: bool) -> dict:
@@ -20,7 +21,7 @@ def _tarflow_section(out: Path, quick: bool) -> dict:
     guidance = tf.default_guidance(meta, None, None, None)
     n = 16 if quick else 32
     seeds = list(range(n))
-    y = tf.labels_for(model, seeds, None)
+    y = labels_for(model, seeds, None)
     t0 = time.perf_counter()
     seq, _ = tf.generate(model, seeds, y, flow.SEQUENTIAL, 0.0, guidance, True, 16, progress=False)
     t_seq = time.perf_counter() - t0

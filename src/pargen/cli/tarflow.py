@@ -14,6 +14,7 @@ from ..evaluation import bench as benchmod
 from ..evaluation import calibrate as cal
 from ..models.tarflow import TarFlow
 from ..samplers import flow
+from .common import labels_for
 
 METHODS = ("auto", "sequential", "jacobi", "gs-jacobi")
 DEFAULT_TOL = 1e-5
@@ -46,19 +47,6 @@ def default_guidance(meta: dict[str, Any], scale: float | None, annealed: bool |
     return flow.Guidance(scale=d.get("guidance", 0.0) if scale is None else scale,
                          annealed=d.get("annealed", False) if annealed is None else annealed,
                          attn_temp=d.get("attn_temp", 1.0) if attn_temp is None else attn_temp)
-
-
-def labels_for(model: TarFlow, seeds: list[int], labels: list[int] | None) -> torch.Tensor | None:
-    k = model.config.num_classes
-    if not k:
-        if labels:
-            raise PargenError("this model is unconditional; drop --labels")
-        return None
-    if labels:
-        if any(not 0 <= v < k for v in labels):
-            raise PargenError(f"labels must be in [0, {k - 1}]")
-        return torch.tensor([labels[i % len(labels)] for i in range(len(seeds))])
-    return torch.tensor([s % k for s in seeds])
 
 
 def generate(model: TarFlow, seeds: list[int], y: torch.Tensor | None, plan, tol: float, guidance: flow.Guidance,

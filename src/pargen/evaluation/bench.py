@@ -65,6 +65,8 @@ def table(records: list[dict[str, Any]]) -> str:
             ("wall_s_median", "{:.4f}"), ("speedup", "{:.2f}x"), ("max_abs_err", "{:.1e}"), ("rel_err", "{:.1e}")]
     if any("fid" in r for r in records):
         cols.append(("fid", "{:.2f}"))
+    if any("sampler" in r for r in records):
+        cols.insert(1, ("sampler", "{}"))
     rows = [[c for c, _ in cols]]
     for r in records:
         rows.append([fmt.format(r[c]) if r.get(c) is not None else "-" for c, fmt in cols])
@@ -76,6 +78,8 @@ def markdown(records: list[dict[str, Any]]) -> str:
     cols = ["method", "batch", "rounds", "nfe", "wall_s_median", "speedup", "max_abs_err", "rel_err"]
     if any("fid" in r for r in records):
         cols.append("fid")
+    if any("sampler" in r for r in records):
+        cols.insert(0, "sampler")
 
     def f(v):
         if isinstance(v, float):

@@ -96,7 +96,7 @@ class BlockOperator:
         self.cache = KVCache.empty(cfg.layers_per_block, 2 * B if guidance.active else B, cfg.width // cfg.head_dim,
                                    T, cfg.head_dim, like=z) if cached else None
 
-    def __call__(self, x: Tensor, start: int, stop: int) -> Tensor:
+    def __call__(self, x: Tensor, start: int, stop: int, need: Tensor | None = None) -> Tensor:
         t0 = max(start - 1, 0)  # fed tokens t0 .. stop-2 give (a, b) for positions t0+1 .. stop-1
         toks = x[:, t0: stop - 1]
         if toks.shape[1] == 0:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from .. import checkpoint
+from .. import checkpoint, distributed
 from ..config import to_dict
 from ..data import ImageData
 from ..errors import PargenError
@@ -71,14 +69,6 @@ class TrainResult:
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None, SampleRNG], torch.Tensor]
 
 
-def _dist_info() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainConfig, out: str | Path | None = None,
           resume: bool = False, meta: dict[str, Any] | None = None, stop_after: int | None = None,
           progress: bool = True) -> TrainResult:
@@ -87,7 +77,7 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
     `stop_after` ends the run early (after that many total steps) as an interruption would; `resume` continues
     from `out`'s training state.
     """
-    rank, world = _dist_info()
+    rank, world = distributed.init()
     if cfg.batch_size % world:
         raise PargenError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
     if len(data) == 0:

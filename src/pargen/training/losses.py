@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.classifier import Classifier
+from ..models.denoiser import Denoiser
 from ..models.tarflow import TarFlow
 from ..rng import SampleRNG
 
@@ -48,4 +49,14 @@ def classifier_loss(model: Classifier, x: Tensor, y: Tensor, rng: SampleRNG) -> 
     return F.cross_entropy(model(random_shift(x, rng)), y)
 
 
-LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss}
+def denoiser_loss(model: Denoiser, x: Tensor, y: Tensor | None, rng: SampleRNG, label_drop: float = 0.1) -> Tensor:
+    """Epsilon-prediction loss (Ho et al.) at a uniformly drawn timestep, with label drop for guidance."""
+    net = unwrap(model)
+    t = rng.randint(net.config.train_steps).view(-1).to(x.device)
+    eps = rng.randn(*x.shape[1:], dtype=x.dtype).to(x.device)
+    ab = net.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
+    y = drop_labels(y, label_drop, rng) if net.config.num_classes else None
+    return F.mse_loss(model(ab.sqrt() * x + (1 - ab).sqrt() * eps, t, y), eps)
+
+
+LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss}

@@ -1,0 +1,162 @@
+"""Diffusion glue for the CLI: sampler settings from flags and checkpoint defaults, batched generation, bench."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..errors import PargenError
+from ..evaluation import bench as benchmod
+from ..models.denoiser import Denoiser
+from ..samplers import diffusion as D
+from .common import labels_for
+
+METHODS = ("auto", "sequential", "picard", "block")
+DEFAULT_STEPS = {"ddim": 100, "ddpm": 1000, "ode": 50}  # the ODE sampler takes two model calls per step
+
+
+@dataclass(frozen=True)
+class Settings:
+    sampler: str = "ddim"
+    steps: int = 100
+    eta: float = 0.0
+    guidance: float = 1.0
+    method: str = "picard"
+    window: int = 16
+    tol: float = 0.1
+    block: int = 20
+    sweeps: int | None = 4
+    anderson: int = 0
+
+    def describe(self) -> str:
+        s = f"{self.sampler} {self.steps} steps"
+        if self.method == "picard":
+            s += f", window Picard (window {self.window}, tol {self.tol:g}" + (
+                f", Anderson {self.anderson})" if self.anderson else ")")
+        elif self.method == "block":
+            s += f", block Picard ({self.block} steps x {self.sweeps or 'until tol'} sweeps" + (
+                f", Anderson {self.anderson})" if self.anderson else ")")
+        else:
+            s += ", sequential"
+        return s
+
+
+def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None = None, eta: float | None = None,
+             cfg: float | None = None, method: str = "auto", window: int | None = None, tol: float | None = None,
+             block: int | None = None, sweeps: int | None = None, anderson: int | None = None) -> Settings:
+    """Flags over the checkpoint's tuned defaults (`sample_defaults` in its JSON, per sampler)."""
+    d = meta.get("sample_defaults", {})
+    sampler = sampler or d.get("sampler", "ddim")
+    if sampler not in D.SAMPLERS:
+        raise PargenError(f"unknown sampler {sampler!r}; choose from {', '.join(D.SAMPLERS)}")
+    if method not in METHODS:
+        raise PargenError(f"method {method!r} is not a diffusion method; choose from {', '.join(METHODS)}")
+    per = d.get("parallel", {}).get(sampler, {})
+    pick = (lambda v, k, default: per.get(k, default) if v is None else v)
+    s = Settings(sampler=sampler, steps=steps or DEFAULT_STEPS[sampler], eta=0.0 if eta is None else eta,
+                 guidance=d.get("guidance", 1.0) if cfg is None else cfg,
+                 method=per.get("method", "picard") if method == "auto" else method,
+                 window=pick(window, "window", 16), tol=pick(tol, "tol", 0.1), block=pick(block, "block", 20),
+                 sweeps=pick(sweeps, "sweeps", 4), anderson=pick(anderson, "anderson", 0))
+    if s.sampler != "ddim" and s.eta:
+        raise PargenError("--eta applies to the ddim sampler only")
+    return s
+
+
+def run(model: Denoiser, x_T: torch.Tensor, noise, y, st: Settings, steps: D.Steps, method: str | None = None,
+        **over) -> D.DiffusionSample:
+    st = dataclasses.replace(st, **over)
+    return D.sample(D.noise_predictor(model, st.guidance), x_T, steps, noise=noise, y=y,
+                    method=method or st.method, window=st.window, tol=st.tol, block=st.block, sweeps=st.sweeps,
+                    anderson=st.anderson)
+
+
+def make_steps(model: Denoiser, st: Settings) -> D.Steps:
+    try:
+        return D.make_steps(model.alphas_cumprod, st.steps, st.sampler, st.eta)
+    except ValueError as e:
+        raise PargenError(str(e)) from None
+
+
+def generate(model: Denoiser, seeds: list[int], y: torch.Tensor | None, st: Settings, batch_size: int,
+             device: str = "cpu", progress: bool = True) -> tuple[torch.Tensor, list[D.DiffusionSample]]:
+    """Images for the given seeds, in chunks of batch_size; each image depends only on its seed and label."""
+    steps = make_steps(model, st)
+    cfg = model.config
+    out, runs = [], []
+    for i in tqdm(range(0, len(seeds), batch_size), disable=not progress or len(seeds) <= batch_size,
+                  desc="sample", dynamic_ncols=True):
+        s = seeds[i: i + batch_size]
+        x_T, noise = D.draw(s, (cfg.in_channels, cfg.img_size, cfg.img_size), steps, device)
+        res = run(model, x_T, noise, None if y is None else y[i: i + batch_size].to(device), st, steps)
+        out.append(res.x.clamp(-1, 1).cpu())
+        runs.append(res)
+    return torch.cat(out), runs
+
+
+def cost(res: D.DiffusionSample) -> dict[str, Any]:
+    return {"rounds": res.rounds, "nfe": res.nfe, "sweeps": sum(res.result.iters),
+            "fallbacks": sum(s.fallback for s in res.result.segments)}
+
+
+def call_cost_ratio(model: Denoiser, batch: int, rows: int, guidance: float, repeats: int = 20) -> dict[str, float]:
+    """Median wall time of one model call on batch*rows images over one call on batch images."""
+    cfg = model.config
+    eps = D.noise_predictor(model, guidance)
+
+    def timed(n: int) -> float:
+        x = torch.randn(n, cfg.in_channels, cfg.img_size, cfg.img_size)
+        t = torch.randint(0, cfg.train_steps, (n,))
+        y = torch.zeros(n, dtype=torch.long) if cfg.num_classes else None
+        ts = []
+        with torch.no_grad():
+            for i in range(repeats + 2):
+                t0 = time.perf_counter()
+                eps(x, t, y)
+                ts.append(time.perf_counter() - t0)
+        return statistics.median(ts[2:])
+
+    one, many = timed(batch), timed(batch * rows)
+    return {"call_s": one, "window_call_s": many, "ratio": many / one}
+
+
+def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: list[int], repeats: int,
+          seed: int, cfg: float | None, anderson: bool = True) -> list[dict[str, Any]]:
+    """Per sampler and batch: sequential vs window Picard vs block Picard (vs Anderson) on the same noise."""
+    records = []
+    shape = (model.config.in_channels, model.config.img_size, model.config.img_size)
+    for name in samplers:
+        st = settings(meta, sampler=name, cfg=cfg)
+        steps = make_steps(model, st)
+        for B in batches:
+            seeds = list(range(seed, seed + B))
+            x_T, noise = D.draw(seeds, shape, steps)
+            y = labels_for(model, seeds, None)
+
+            def runner(method, **over):
+                def go():
+                    res = run(model, x_T, noise, y, st, steps, method=method, **over)
+                    return res.x, cost(res)
+                return go
+
+            ratio = call_cost_ratio(model, B, st.window, st.guidance)
+            extra = {"sampler": name, "steps": st.steps, "guidance": st.guidance,
+                     "call_cost_ratio": round(ratio["ratio"], 2)}
+            methods = [benchmod.Method("picard", runner("picard", anderson=0),
+                                       {**extra, "window": st.window, "tol": st.tol}),
+                       benchmod.Method("block", runner("block", anderson=0),
+                                       {**extra, "block": st.block, "sweeps": st.sweeps, "tol": st.tol})]
+            if anderson and st.anderson:
+                methods.append(benchmod.Method("picard+anderson", runner("picard"),
+                                               {**extra, "window": st.window, "tol": st.tol,
+                                                "anderson": st.anderson}))
+            print(f"  {st.describe()}, batch {B}: one call on {B * st.window} images costs {ratio['ratio']:.2f}x "
+                  f"one call on {B}")
+            records += benchmod.run("diffusion", benchmod.Method("sequential", runner("sequential"), extra),
+                                    methods, batch=B, seed=seed, repeats=repeats)
+    return records
