@@ -60,6 +60,11 @@ def test_registry_presets_build_and_train_step():
             for blk in model.blocks:
                 torch.nn.init.normal_(blk.proj_out.weight, std=0.01)
             loss = model.loss(x, torch.tensor([0, 1]) if cfg.num_classes else None)
+        elif model.family == "denoiser":
+            from pargen.rng import SampleRNG
+            from pargen.training.losses import denoiser_loss
+
+            loss = denoiser_loss(model, x, torch.tensor([0, 1]), SampleRNG([0, 1]))
         else:
             loss = model(x).logsumexp(1).mean()
         assert torch.isfinite(loss)

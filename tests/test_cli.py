@@ -65,7 +65,8 @@ def test_train_denoiser_then_sample_parallel_and_bench(tmp_path, capsys):
                  "--repeats", "1", "--json", str(js)]) == 0
     recs = json.loads(js.read_text())
     assert [(r["sampler"], r["method"]) for r in recs] == [(s, m) for s in ("ddim", "ode")
-                                                           for m in ("sequential", "picard", "block")]
+                                                           for m in ("sequential", "picard", "block",
+                                                                     "picard+anderson")]
     for r in recs:
         assert r["rounds"] > 0 and r["call_cost_ratio"] > 0 and r["fallbacks"] == 0
         assert r["rounds"] == (100 if r["sampler"] == "ddim" else 99) or r["method"] != "sequential"
@@ -76,7 +77,8 @@ def test_demo_quick_writes_a_report(tmp_path):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     page = (out / "index.html").read_text()
     assert "<table" in page and "speedup" in page
-    for src in ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png"):
+    for src in ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png", "diffusion_sequential.png",
+                "diffusion_fast.png"):
         assert f"src='{src}'" in page and (out / src).stat().st_size > 0
 
 

@@ -41,6 +41,30 @@ def _tarflow_section(out: Path, quick: bool) -> dict:
             "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item():.1e}"}
 
 
+def _diffusion_section(out: Path, quick: bool) -> dict:
+    from . import diffusion as dm
+
+    path = checkpoint.resolve("denoiser-mnist")
+    model, meta = checkpoint.load(path)
+    n = 16 if quick else 32
+    seeds = list(range(n))
+    y = labels_for(model, seeds, None)
+    st = dm.settings(meta)
+    t0 = time.perf_counter()
+    seq, _ = dm.generate(model, seeds, y, dm.dataclasses.replace(st, method="sequential"), 16, progress=False)
+    t_seq = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fast, _ = dm.generate(model, seeds, y, st, 16, progress=False)
+    t_fast = time.perf_counter() - t0
+    images.save_grid(seq, out / "diffusion_sequential.png", nrow=8, scale=3)
+    images.save_grid(fast, out / "diffusion_fast.png", nrow=8, scale=3)
+    print(f"  diffusion: {n} images sequential {t_seq:.2f}s, {st.describe()} {t_fast:.2f}s")
+    records = dm.bench(model, meta, ["ddim"], [1], 2 if quick else 5, 0)
+    return {"title": "Diffusion with window Picard (MNIST DiT, DDIM)", "records": records,
+            "images": [("sequential DDIM", "diffusion_sequential.png"), (st.describe(), "diffusion_fast.png")],
+            "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item():.1e}"}
+
+
 def _render(sections: list[dict]) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>pargen demo</title><style>"
              "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
@@ -73,7 +97,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sections = []
-    builders = [("tarflow-mnist", _tarflow_section)]
+    builders = [("tarflow-mnist", _tarflow_section), ("denoiser-mnist", _diffusion_section)]
     for name, build in builders:
         try:
             checkpoint.resolve(name)

@@ -100,7 +100,7 @@ def generate(model: Denoiser, seeds: list[int], y: torch.Tensor | None, st: Sett
 
 
 def cost(res: D.DiffusionSample) -> dict[str, Any]:
-    return {"rounds": res.rounds, "nfe": res.nfe, "sweeps": sum(res.result.iters),
+    return {"rounds": res.rounds, "nfe": res.nfe, "passes": sum(res.result.iters),
             "fallbacks": sum(s.fallback for s in res.result.segments)}
 
 
@@ -126,12 +126,13 @@ def call_cost_ratio(model: Denoiser, batch: int, rows: int, guidance: float, rep
 
 
 def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: list[int], repeats: int,
-          seed: int, cfg: float | None, anderson: bool = True) -> list[dict[str, Any]]:
-    """Per sampler and batch: sequential vs window Picard vs block Picard (vs Anderson) on the same noise."""
+          seed: int, **flags) -> list[dict[str, Any]]:
+    """Per sampler and batch: sequential vs window Picard vs block Picard vs window Picard with Anderson mixing
+    (depth: the setting's, else 3), on the same noise. `flags` override the checkpoint's settings."""
     records = []
     shape = (model.config.in_channels, model.config.img_size, model.config.img_size)
     for name in samplers:
-        st = settings(meta, sampler=name, cfg=cfg)
+        st = settings(meta, sampler=name, **flags)
         steps = make_steps(model, st)
         for B in batches:
             seeds = list(range(seed, seed + B))
@@ -151,10 +152,9 @@ def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: l
                                        {**extra, "window": st.window, "tol": st.tol}),
                        benchmod.Method("block", runner("block", anderson=0),
                                        {**extra, "block": st.block, "sweeps": st.sweeps, "tol": st.tol})]
-            if anderson and st.anderson:
-                methods.append(benchmod.Method("picard+anderson", runner("picard"),
-                                               {**extra, "window": st.window, "tol": st.tol,
-                                                "anderson": st.anderson}))
+            aa = st.anderson or 3
+            methods.append(benchmod.Method("picard+anderson", runner("picard", anderson=aa),
+                                           {**extra, "window": st.window, "tol": st.tol, "anderson": aa}))
             print(f"  {st.describe()}, batch {B}: one call on {B * st.window} images costs {ratio['ratio']:.2f}x "
                   f"one call on {B}")
             records += benchmod.run("diffusion", benchmod.Method("sequential", runner("sequential"), extra),

@@ -48,8 +48,8 @@ class Steps:
     a: Tensor  # ddpm / ddim: step_i(x) = a_i x + b_i eps(x, t_i)
     b: Tensor
     s: Tensor  # std of the noise added at step i (0 for ddim eta=0 and ode)
-    sigma: Tensor  # ode: noise level sqrt((1 - ab) / ab) at t_i; last entry is sigma at t_next[-1] (0)
-    sigma_next: Tensor
+    sigma: Tensor  # the ODE's noise level sqrt((1 - ab) / ab) at t_i
+    sigma_next: Tensor  # ... at t_next (0 after the last step)
     ab: Tensor  # alpha-bar at t_i
     ab_next: Tensor
     noise_std: Tensor  # DDPM posterior std of each step: the scale of the Picard stopping rule
@@ -103,6 +103,9 @@ def noise_predictor(model: torch.nn.Module, guidance: float = 1.0) -> EpsFn:
     from ..models.denoiser import Denoiser
 
     ours = isinstance(model, Denoiser)
+    if guidance != 1.0 and not ours:
+        raise ValueError("classifier-free guidance needs the model's null class (label -1), which only pargen's "
+                         "Denoiser has; use guidance=1 with other models")
 
     def call(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         if ours:
@@ -135,8 +138,7 @@ def shard(eps: EpsFn) -> EpsFn:
         buf[: hi - lo] = part
         parts = [torch.empty_like(buf) for _ in range(world)]
         dist.all_gather(parts, buf)
-        out = torch.cat(parts)
-        return out[:n]
+        return torch.cat(parts)[:n]
 
     return call
 
