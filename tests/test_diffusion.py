@@ -205,6 +205,7 @@ SHARD_SCRIPT = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_diffusion import setup
+from pargen import distributed
 from pargen.samplers import diffusion as D
 if "RANK" in __import__("os").environ:
     dist.init_process_group("gloo")
@@ -216,6 +217,7 @@ def counted(x, t, y):
 res = D.sample(counted, x_T, steps, noise=noise, y=torch.tensor([1, 2, 3]), method="picard", window=7, tol=0.01)
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save({{"x": res.x, "rounds": res.rounds, "rows": max(calls)}}, sys.argv[1])
+distributed.finish()
 """
 
 

@@ -39,13 +39,14 @@ def test_losses_fall_and_batches_do_not_depend_on_batch_position(tmp_path):
 
 DDP_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from pargen import data, registry, checkpoint
+    from pargen import checkpoint, data, distributed, registry
     from pargen.training.loop import TrainConfig, train
     from pargen.training.losses import tarflow_loss
     torch.manual_seed(0)
     model = registry.create("tarflow-tiny")
     cfg = TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup=2, ema=0.0, ckpt_every=6)
     train(model, data.load("digits"), tarflow_loss, cfg, out=sys.argv[1], progress=False)
+    distributed.finish()
 """)
 
 

@@ -13,3 +13,10 @@ def init() -> tuple[int, int]:
             dist.init_process_group("gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def finish() -> None:
+    """Wait for every rank, then tear the process group down (exiting with it alive can abort gloo's threads)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

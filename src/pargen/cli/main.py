@@ -77,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .. import distributed
+
     try:
-        return int(commands.run(args) or 0)
+        code = int(commands.run(args) or 0)
+        distributed.finish()  # a no-op unless launched by torchrun
+        return code
     except PargenError as e:
         print(f"pargen: error: {e}", file=sys.stderr)
         return 2
