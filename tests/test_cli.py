@@ -72,6 +72,19 @@ def test_train_denoiser_then_sample_parallel_and_bench(tmp_path, capsys):
         assert r["rounds"] == (100 if r["sampler"] == "ddim" else 99) or r["method"] != "sequential"
 
 
+def test_diffusion_auto_is_parallel_only_where_it_was_measured_to_win():
+    from pargen import checkpoint
+    from pargen.cli import diffusion as dm
+
+    meta = checkpoint.read_meta(checkpoint.resolve("denoiser-mnist"))
+    limit = meta["sample_defaults"]["parallel_max_batch"]
+    assert dm.settings(meta, batch=limit).method == "picard"
+    assert dm.settings(meta, batch=limit + 1).method == "sequential"
+    assert dm.settings(meta, method="block", batch=64).method == "block"  # an explicit method is kept
+    st = dm.settings(meta, sampler="ddpm")
+    assert (st.steps, st.window, st.guidance) == (1000, 16, 3.0)
+
+
 def test_demo_quick_writes_a_report(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0

@@ -20,7 +20,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     def sampling_args(q):
         q.add_argument("--method", default="auto", choices=sorted(set(TARFLOW_METHODS + DIFFUSION_METHODS)),
                        help="sampler. TarFlow: auto (calibrated GS-Jacobi plan), sequential, jacobi, gs-jacobi. "
-                            "Diffusion: auto (the checkpoint's tuned parallel setting), sequential, picard "
+                            "Diffusion: auto (the checkpoint's tuned parallel setting where it was measured to "
+                            "win, i.e. small batches; sequential above), sequential, picard "
                             "(sliding window), block (block Picard)")
         q.add_argument("--tol", type=nonneg_float, default=None,
                        help="fixed-point tolerance (TarFlow: relative change; diffusion: relative to each step's "
@@ -148,7 +149,7 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
         from . import diffusion as dm
 
         st = dm.settings(meta, args.sampler, args.steps, args.eta, args.cfg, args.method, args.window, args.tol,
-                         args.block, args.sweeps, args.anderson)
+                         args.block, args.sweeps, args.anderson, batch=min(args.batch_size, len(seeds)))
         x, runs = dm.generate(model, seeds, y, st, args.batch_size, args.device, progress)
         desc = f"{st.describe()}, guidance {st.guidance:g}"
         unit = "step"

@@ -48,8 +48,12 @@ class Settings:
 
 def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None = None, eta: float | None = None,
              cfg: float | None = None, method: str = "auto", window: int | None = None, tol: float | None = None,
-             block: int | None = None, sweeps: int | None = None, anderson: int | None = None) -> Settings:
-    """Flags over the checkpoint's tuned defaults (`sample_defaults` in its JSON, per sampler)."""
+             block: int | None = None, sweeps: int | None = None, anderson: int | None = None,
+             batch: int = 1) -> Settings:
+    """Flags over the checkpoint's tuned defaults (`sample_defaults` in its JSON, per sampler).
+
+    "auto" is the tuned parallel method up to `parallel_max_batch` images per batch (where it was measured to
+    win) and the sequential sampler above."""
     d = meta.get("sample_defaults", {})
     sampler = sampler or d.get("sampler", "ddim")
     if sampler not in D.SAMPLERS:
@@ -60,7 +64,8 @@ def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None
     pick = (lambda v, k, default: per.get(k, default) if v is None else v)
     s = Settings(sampler=sampler, steps=steps or DEFAULT_STEPS[sampler], eta=0.0 if eta is None else eta,
                  guidance=d.get("guidance", 1.0) if cfg is None else cfg,
-                 method=per.get("method", "picard") if method == "auto" else method,
+                 method=method if method != "auto" else per.get("method", "picard")
+                 if batch <= d.get("parallel_max_batch", batch) else "sequential",
                  window=pick(window, "window", 16), tol=pick(tol, "tol", 0.1), block=pick(block, "block", 20),
                  sweeps=pick(sweeps, "sweeps", 4), anderson=pick(anderson, "anderson", 0))
     if s.sampler != "ddim" and s.eta:
