@@ -60,4 +60,4 @@ def list_names() -> list[str]:
 
 
 def _ensure_loaded() -> None:
-    from . import models  # noqa: F401  (registration happens on import)
+    from . import models, tokenizers  # noqa: F401  (registration happens on import)

@@ -1,0 +1,65 @@
+"""Official FoundationVision/VAR checkpoints (`vae_ch160v4096z32.pth`, `var_d*.pth`): plain state dicts, read with
+`torch.load(weights_only=True)`, whose key names pargen's modules share; the configuration is read off the shapes."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from ..errors import PargenError
+from ..tokenizers.msvq import MSVQConfig, MSVQVAE
+
+VAR_PATCH_NUMS = {10: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}  # the 256-px release
+
+
+def _state(src: str | os.PathLike | dict[str, Any]) -> dict[str, torch.Tensor]:
+    if isinstance(src, dict):
+        return src
+    try:
+        sd = torch.load(src, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PargenError(f"no such file: {src}") from None
+    except Exception as e:  # pickles that need code, truncated files
+        raise PargenError(f"{src} is not a loadable state dict ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise PargenError(f"{src} holds a {type(sd).__name__}, not a state dict")
+    return sd
+
+
+def vae_config(sd: dict[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None) -> MSVQConfig:
+    """MSVQConfig from an official VAE state dict (patch_nums given, or VAR's for its number of scales)."""
+    try:
+        V, C = sd["quantize.embedding.weight"].shape
+        K = sd["quantize.ema_vocab_hit_SV"].shape[0]
+        ch = sd["encoder.conv_in.weight"].shape[0]
+    except KeyError as e:
+        raise PargenError(f"not a VAR VAE state dict: missing {e}") from None
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in range(levels))
+    blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+    n_phi = sum(1 for k in sd if k.startswith("quantize.quant_resi.") and k.endswith(".weight"))
+    share = 1 if "quantize.quant_resi.qresi.weight" in sd else (n_phi if any(
+        ".qresi_ls." in k for k in sd) else 0)
+    if patch_nums is None:
+        if K not in VAR_PATCH_NUMS:
+            raise PargenError(f"the state dict has {K} scales; pass patch_nums")
+        patch_nums = VAR_PATCH_NUMS[K]
+    if len(patch_nums) != K:
+        raise PargenError(f"patch_nums {patch_nums} has {len(patch_nums)} scales, the state dict {K}")
+    cfg = MSVQConfig(vocab_size=V, z_channels=C, ch=ch, ch_mult=ch_mult, num_res_blocks=blocks,
+                     share_quant_resi=share, patch_nums=tuple(patch_nums),
+                     in_channels=sd["encoder.conv_in.weight"].shape[1])
+    return dataclasses.replace(cfg, img_size=patch_nums[-1] * cfg.downsample)
+
+
+def load_vae(src: str | os.PathLike | dict[str, Any], patch_nums: tuple[int, ...] | None = None) -> MSVQVAE:
+    """An official VAR VAE (path or state dict) as an `MSVQVAE`, strictly: every key and shape must match."""
+    sd = _state(src)
+    model = MSVQVAE(vae_config(sd, patch_nums))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise PargenError(f"VAE state dict does not match: {str(e).splitlines()[0]}") from None
+    return model.eval()

@@ -1,0 +1,2 @@
+"""Image tokenizers; importing this package registers them."""
+from . import msvq  # noqa: F401

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from pargen import registry
+from pargen.convert.var import load_vae, vae_config
+from pargen.errors import PargenError
+
+from .conftest import oracle
+
+
+@pytest.fixture(scope="module")
+def var_oracle():
+    return oracle("var_tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def vae(var_oracle):
+    return load_vae(var_oracle["vae_state_dict"], patch_nums=var_oracle["config"]["patch_nums"])
+
+
+def test_oracle_vae_config_is_read_off_the_state_dict(var_oracle, vae):
+    c = vae.config
+    assert (c.vocab_size, c.z_channels, c.ch, c.ch_mult, c.share_quant_resi, c.img_size) == \
+        (64, 16, 32, (1, 1, 2, 2, 4), 4, 64)
+    assert c == registry.preset_config("msvq-var-tiny")[1]
+    torch.testing.assert_close(torch.tensor(vae.quantize.quant_resi.ticks), var_oracle["vae"]["phi_ticks"])
+
+
+def test_oracle_tokenizer_indices_fhat_and_teacher_forcing_input(var_oracle, vae):
+    v = var_oracle["vae"]
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(v["img"]), v["f_BChw"], atol=1e-5, rtol=1e-5)
+        idx = vae.quantize.encode(v["f_BChw"])
+        for got, ref in zip(idx, v["gt_idx_Bl"], strict=True):
+            assert torch.equal(got, ref)
+        assert [torch.equal(a, b) for a, b in zip(vae.img_to_indices(v["img"]), v["gt_idx_Bl"])] == [True] * 4
+        for got, ref in zip(vae.quantize.encode(v["f_BChw"], to_fhat=True), v["fhat_per_scale"], strict=True):
+            torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(vae.quantize.fhat_from_indices(v["gt_idx_Bl"]), v["fhat_per_scale"][-1],
+                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(vae.quantize.teacher_forcing_input(v["gt_idx_Bl"]), v["x_BLCv_wo_first_l"],
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_oracle_reconstruction_and_vq_training_forward(var_oracle, vae):
+    v = var_oracle["vae"]
+    with torch.no_grad():
+        # the random decoder amplifies float32 rounding ~200x (a 1e-7 change of f_hat moves pixels by 2e-5; in
+        # float64 ours is 1.4e-5 from the exact value, the reference 2.9e-5), hence 5e-5 here
+        torch.testing.assert_close(vae.indices_to_img(v["gt_idx_Bl"]), v["rec_img"], atol=5e-5, rtol=1e-5)
+        rec, loss = vae(v["img"])
+    torch.testing.assert_close(rec, v["vae_forward_rec"], atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, v["vq_loss"], atol=1e-7, rtol=1e-5)
+
+
+def test_oracle_sampling_update_matches_teacher_forcing(var_oracle, vae):
+    """next_input (sampling) rebuilds the same f_hat and next-scale maps as the teacher-forcing input."""
+    v = var_oracle["vae"]
+    q = vae.quantize
+    B, C = 4, q.Cvae
+    f_hat = torch.zeros(B, C, 4, 4)
+    maps = []
+    with torch.no_grad():
+        for si, pn in enumerate(q.patch_nums):
+            h = q.embedding(v["gt_idx_Bl"][si]).transpose(1, 2).reshape(B, C, pn, pn)
+            f_hat, nxt = q.next_input(si, f_hat, h)
+            if nxt is not None:
+                maps.append(nxt.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(torch.cat(maps, 1), v["x_BLCv_wo_first_l"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(f_hat, v["fhat_per_scale"][-1], atol=1e-6, rtol=1e-6)
+
+
+def test_official_vae_layout_on_the_meta_device():
+    """vae_ch160v4096z32.pth: 324 keys; encoder 44.11M, decoder 64.65M, quantizer 0.17M parameters."""
+    with torch.device("meta"):
+        m = registry.create("msvq-var-f16")
+    sd = m.state_dict()
+    assert len(sd) == 324
+    shapes = {"encoder.conv_out.weight": (32, 640, 3, 3), "decoder.conv_in.weight": (640, 32, 3, 3),
+              "decoder.conv_out.weight": (3, 160, 3, 3), "quantize.ema_vocab_hit_SV": (10, 4096),
+              "quantize.embedding.weight": (4096, 32), "quantize.quant_resi.qresi_ls.3.weight": (32, 32, 3, 3),
+              "post_quant_conv.weight": (32, 32, 3, 3), "encoder.down.4.attn.1.qkv.weight": (1920, 640, 1, 1),
+              "decoder.up.4.attn.2.proj_out.weight": (640, 640, 1, 1), "decoder.up.1.upsample.conv.weight":
+              (160, 160, 3, 3)}
+    for k, s in shapes.items():
+        assert tuple(sd[k].shape) == s, k
+    count = lambda mod: round(sum(p.numel() for p in mod.parameters()) / 1e6, 2)  # noqa: E731
+    assert (count(m.encoder), count(m.decoder), count(m.quantize)) == (44.11, 64.65, 0.17)
+    assert vae_config({k: torch.empty(v.shape) for k, v in sd.items()}) == m.config
+
+
+def test_official_format_pth_loads_with_weights_only(tmp_path, var_oracle):
+    path = tmp_path / "vae.pth"
+    torch.save(var_oracle["vae_state_dict"], path)
+    model = load_vae(path, patch_nums=(1, 2, 3, 4))
+    assert torch.equal(model.quantize.embedding.weight, var_oracle["vae_state_dict"]["quantize.embedding.weight"])
+    bad = dict(var_oracle["vae_state_dict"])
+    bad.pop("post_quant_conv.bias")
+    with pytest.raises(PargenError, match="does not match"):
+        load_vae(bad, patch_nums=(1, 2, 3, 4))
+    with pytest.raises(PargenError, match="pass patch_nums"):
+        load_vae(var_oracle["vae_state_dict"])
+    with pytest.raises(PargenError, match="no such file"):
+        load_vae(tmp_path / "missing.pth")
