@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -102,3 +104,94 @@ def test_official_format_pth_loads_with_weights_only(tmp_path, var_oracle):
         load_vae(var_oracle["vae_state_dict"])
     with pytest.raises(PargenError, match="no such file"):
         load_vae(tmp_path / "missing.pth")
+
+
+# -- transformer -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def var_model(var_oracle):
+    from pargen.convert.var import load_var
+
+    return load_var(var_oracle["var_state_dict"])
+
+
+def test_oracle_var_config_and_mask(var_oracle, var_model):
+    assert var_model.config == registry.preset_config("var-tiny")[1]
+    assert torch.equal(var_model.attn_bias_for_masking, var_oracle["train"]["attn_bias_for_masking"])
+
+
+def test_oracle_training_forward_logits_loss_and_gradients(var_oracle, var_model):
+    t, x = var_oracle["train"], var_oracle["vae"]["x_BLCv_wo_first_l"]
+    model = var_model.train()
+    model.zero_grad()
+    torch.manual_seed(t["torch_seed_before_forward"])  # the reference draws the cond-drop mask from torch's RNG
+    logits = model(t["label_B"], x)
+    torch.testing.assert_close(logits, t["logits_BLV"], atol=1e-5, rtol=1e-5)
+    loss = model.loss(logits, t["gt_BL"])
+    torch.testing.assert_close(loss, t["loss"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model.loss(logits.detach(), t["gt_BL"], 0.1), t["loss_label_smooth_0p1"],
+                               atol=1e-6, rtol=1e-6)
+    loss.backward()
+    params = dict(model.named_parameters())
+    assert set(t["grads"]) == {n for n, p in params.items() if p.requires_grad}
+    for name, g in t["grads"].items():
+        torch.testing.assert_close(params[name].grad, g, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(t["label_B"], x, cond_drop=0.0), t["logits_BLV_no_cond_drop"],
+                                   atol=1e-5, rtol=1e-5)
+    model.eval()
+
+
+@pytest.mark.parametrize("setting", ["cfg1.5_plain", "cfg4_topk20_topp0.9", "cfg1.5_smooth", "uncond_label-1",
+                                     "label_None_sampled"])
+def test_oracle_next_scale_sampling(var_oracle, var_model, vae, setting):
+    from pargen.samplers import autoregressive as AR
+
+    o = var_oracle["infer"][setting]
+    kw = dict(o["kwargs"])
+    g = torch.Generator().manual_seed(kw.pop("g_seed"))
+    res = AR.sample(var_model, vae, kw.pop("label_B"), batch=4, generator=g, trace=True, **kw)
+    assert res.rounds == 4
+    for si, step in enumerate(res.trace):
+        assert torch.equal(step["idx_Bl"], o["idx_Bl"][si]), f"scale {si}"  # same random numbers, same tokens
+        for key in ("logits_after_cfg", "h_BChw", "f_hat"):
+            torch.testing.assert_close(step[key], o[key][si], atol=1e-5, rtol=1e-5, msg=f"{key} scale {si}")
+        if step["next_token_map_Cvae"] is not None:  # (the reference repeats f_hat at the last scale)
+            torch.testing.assert_close(step["next_token_map_Cvae"], o["next_token_map_Cvae"][si], atol=1e-5,
+                                       rtol=1e-5)
+    torch.testing.assert_close(res.img, o["img"], atol=5e-5, rtol=1e-5)  # decoder amplification, see above
+
+
+def test_official_var_d16_layout_on_the_meta_device(tmp_path):
+    """var_d16.pth: 220 keys, C 1024, 16 heads, L 680, 310.28M parameters; loads from a weights_only .pth."""
+    from pargen.convert.var import load_var, var_config
+
+    with torch.device("meta"):
+        m = registry.create("var-d16")
+    sd = m.state_dict()
+    assert len(sd) == 220
+    shapes = {"pos_start": (1, 1, 1024), "pos_1LC": (1, 680, 1024), "lvl_1L": (1, 680),
+              "attn_bias_for_masking": (1, 1, 680, 680), "word_embed.weight": (1024, 32),
+              "class_emb.weight": (1001, 1024), "lvl_embed.weight": (10, 1024),
+              "blocks.15.attn.scale_mul_1H11": (1, 16, 1, 1), "blocks.0.attn.zero_k_bias": (1024,),
+              "blocks.3.attn.mat_qkv.weight": (3072, 1024), "blocks.0.ffn.fc1.weight": (4096, 1024),
+              "blocks.0.ada_lin.1.weight": (6144, 1024), "head_nm.ada_lin.1.weight": (2048, 1024),
+              "head.weight": (4096, 1024)}
+    for k, s in shapes.items():
+        assert tuple(sd[k].shape) == s, k
+    assert sd["lvl_1L"].dtype == torch.int64
+    assert round(sum(p.numel() for p in m.parameters()) / 1e6, 2) == 310.28
+    fake = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in sd.items()}
+    fake["lvl_1L"] = torch.cat([torch.full((p * p,), i) for i, p in enumerate(m.config.patch_nums)]).view(1, -1)
+    assert var_config(fake) == dataclasses.replace(m.config, width=1024, heads=16)  # the depth rule, spelled out
+
+
+def test_official_format_var_pth_loads_with_weights_only(tmp_path, var_oracle):
+    from pargen.convert.var import load_var
+
+    path = tmp_path / "var.pth"
+    torch.save(var_oracle["var_state_dict"], path)
+    assert torch.equal(load_var(path).head.weight, var_oracle["var_state_dict"]["head.weight"])
+    bad = {k: v for k, v in var_oracle["var_state_dict"].items() if k != "head.bias"}
+    with pytest.raises(PargenError, match="does not match"):
+        load_var(bad)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import PargenError
+from ..models.var import VAR, VARConfig
 from ..tokenizers.msvq import MSVQConfig, MSVQVAE
 
 VAR_PATCH_NUMS = {10: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}  # the 256-px release
@@ -62,4 +63,35 @@ def load_vae(src: str | os.PathLike | dict[str, Any], patch_nums: tuple[int, ...
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise PargenError(f"VAE state dict does not match: {str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
+def var_config(sd: dict[str, torch.Tensor]) -> VARConfig:
+    """VARConfig from an official VAR state dict (scales read off the `lvl_1L` buffer)."""
+    try:
+        C = sd["pos_start"].shape[-1]
+        lvl = sd["lvl_1L"].flatten()
+        V = sd["head.weight"].shape[0]
+        Cvae = sd["word_embed.weight"].shape[1]
+        classes = sd["class_emb.weight"].shape[0] - 1
+    except KeyError as e:
+        raise PargenError(f"not a VAR state dict: missing {e}") from None
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    counts = torch.bincount(lvl).tolist()
+    patch_nums = tuple(int(round(n ** 0.5)) for n in counts)
+    heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if "blocks.0.attn.scale_mul_1H11" in sd else depth
+    hidden = sd["blocks.0.ffn.fc1.weight"].shape[0]
+    return VARConfig(vocab_size=V, z_channels=Cvae, depth=depth, width=C, heads=heads, mlp_ratio=hidden / C,
+                     num_classes=classes, patch_nums=patch_nums,
+                     attn_l2_norm="blocks.0.attn.scale_mul_1H11" in sd, shared_aln="shared_ada_lin.1.weight" in sd)
+
+
+def load_var(src: str | os.PathLike | dict[str, Any]) -> VAR:
+    """An official VAR transformer (path or state dict), strictly."""
+    sd = _state(src)
+    model = VAR(var_config(sd))
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise PargenError(f"VAR state dict does not match: {str(e).splitlines()[0]}") from None
     return model.eval()

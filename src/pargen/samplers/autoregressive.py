@@ -1,0 +1,99 @@
+"""Next-scale sampling for VAR with an explicit KV cache, classifier-free guidance ramped over the scales,
+top-k / top-p, and the "more smooth" Gumbel variant; random numbers are drawn in the reference's order
+(label draw, then per scale the token draw and, if smooth, the Gumbel noise), so a seeded generator reproduces
+FoundationVision/VAR's `autoregressive_infer_cfg` token for token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..models.var import VAR
+from ..nn.attention import KVCache
+from ..tokenizers.msvq import MSVQVAE
+
+
+def top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
+    """Mask (to -inf) all but the top_k logits and the smallest set holding top_p of the probability."""
+    logits = logits.clone()
+    if top_k > 0:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False  # always keep the most likely token
+        logits.masked_fill_(drop.scatter(order.ndim - 1, order, drop), -torch.inf)
+    return logits
+
+
+def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None) -> Tensor:
+    g = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return ((logits + g) / tau).softmax(-1)
+
+
+@dataclass
+class VARSample:
+    img: Tensor  # (B, C, H, W) in [0, 1]
+    indices: list[Tensor]  # (B, pn^2) per scale
+    f_hat: Tensor
+    labels: Tensor
+    trace: list[dict[str, Tensor]] = field(default_factory=list)  # per scale, when asked
+    rounds: int = 0  # sequential transformer calls (one per scale)
+
+
+@torch.no_grad()
+def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | None = None, cfg: float = 1.5,
+           top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, generator: torch.Generator | None = None,
+           trace: bool = False) -> VARSample:
+    """Sample images scale by scale. labels: (B,) tensor, an int for all (< 0: unconditional), or None (drawn
+    uniformly from `generator`, then `batch` is required). Guidance weight at scale si is cfg * si / (K - 1)."""
+    c = var.config
+    dev = var.pos_1LC.device
+    if labels is None:
+        if batch is None:
+            raise ValueError("batch is required when labels are drawn")
+        uniform = torch.full((1, c.num_classes), 1 / c.num_classes, device=dev)
+        labels = torch.multinomial(uniform, num_samples=batch, replacement=True, generator=generator).view(batch)
+    elif isinstance(labels, int):
+        if batch is None:
+            raise ValueError("batch is required with a single label")
+        labels = torch.full((batch,), c.num_classes if labels < 0 else labels, device=dev)
+    B, K, Cv = labels.shape[0], len(c.patch_nums), c.z_channels
+    q = vae.quantize
+    cond, ada = var.condition(torch.cat((labels, torch.full_like(labels, c.num_classes))))
+    lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
+    x = cond.unsqueeze(1) + var.pos_start + lvl_pos[:, :1]
+    cache = KVCache.empty(c.depth, 2 * B, c.H, c.L, c.C // c.H, like=x)
+    f_hat = x.new_zeros(B, Cv, c.patch_nums[-1], c.patch_nums[-1])
+    indices, steps = [], []
+    cur = 0
+    for si, pn in enumerate(c.patch_nums):
+        ratio = si / (K - 1)
+        cur += pn * pn
+        for i, blk in enumerate(var.blocks):
+            x = blk(x, ada, cache=cache, layer=i)
+        cache.commit(pn * pn)
+        logits = var.logits(x, cond)
+        t = cfg * ratio
+        logits = (1 + t) * logits[:B] - t * logits[B:]
+        probs = top_k_top_p(logits, top_k, top_p).softmax(-1)
+        idx = torch.multinomial(probs.view(-1, c.vocab_size), 1, replacement=True, generator=generator).view(B, -1)
+        if more_smooth:  # display only: a soft Gumbel mix of codes (the reference's visualisation setting)
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            h = gumbel_softmax(logits.mul(1 + ratio), tau, generator) @ q.embedding.weight.unsqueeze(0)
+        else:
+            h = q.embedding(idx)
+        h = h.transpose(1, 2).reshape(B, Cv, pn, pn)
+        f_hat, nxt = q.next_input(si, f_hat, h)
+        indices.append(idx)
+        if trace:
+            steps.append({"logits_after_cfg": logits, "idx_Bl": idx, "h_BChw": h, "f_hat": f_hat,
+                          "next_token_map_Cvae": nxt})
+        if nxt is not None:
+            x = var.word_embed(nxt.view(B, Cv, -1).transpose(1, 2)) + lvl_pos[:, cur: cur + c.patch_nums[si + 1] ** 2]
+            x = x.repeat(2, 1, 1)
+    img = vae.fhat_to_img(f_hat).add(1).mul(0.5)
+    return VARSample(img, indices, f_hat, labels, steps, rounds=K)
