@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.var import VAR
@@ -44,12 +45,32 @@ class VARSample:
     rounds: int = 0  # sequential transformer calls (one per scale)
 
 
+@dataclass
+class Known:
+    """Tokens forced at every scale (zero-shot in-/out-painting and class-conditional editing, as in the VAR
+    paper): `indices` (B, pn^2) per scale and a bool `mask` (B, pn^2) per scale of the positions to force."""
+
+    indices: list[Tensor]
+    mask: list[Tensor]
+
+
+@torch.no_grad()
+def known_region(vae: MSVQVAE, img: Tensor, keep: Tensor, threshold: float = 0.5) -> Known:
+    """Tokens of `img` (B, C, H, W in [-1, 1]) where `keep` (B, 1, H, W; 1 = keep the pixel) covers at least
+    `threshold` of a token's area at that scale; everything else is generated."""
+    idx = vae.img_to_indices(img)
+    masks = [(F.interpolate(keep.float(), size=(pn, pn), mode="area") >= threshold).flatten(1)
+             for pn in vae.quantize.patch_nums]
+    return Known(idx, masks)
+
+
 @torch.no_grad()
 def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | None = None, cfg: float = 1.5,
            top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, generator: torch.Generator | None = None,
-           trace: bool = False) -> VARSample:
+           known: Known | None = None, trace: bool = False) -> VARSample:
     """Sample images scale by scale. labels: (B,) tensor, an int for all (< 0: unconditional), or None (drawn
-    uniformly from `generator`, then `batch` is required). Guidance weight at scale si is cfg * si / (K - 1)."""
+    uniformly from `generator`, then `batch` is required). Guidance weight at scale si is cfg * si / (K - 1).
+    `known` forces tokens after each draw (the draws themselves are unchanged, so the random stream is too)."""
     c = var.config
     dev = var.pos_1LC.device
     if labels is None:
@@ -86,6 +107,10 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
             h = gumbel_softmax(logits.mul(1 + ratio), tau, generator) @ q.embedding.weight.unsqueeze(0)
         else:
             h = q.embedding(idx)
+        if known is not None:
+            m = known.mask[si].to(idx.device)
+            idx = torch.where(m, known.indices[si].to(idx.device), idx)
+            h = torch.where(m[..., None], q.embedding(idx), h)
         h = h.transpose(1, 2).reshape(B, Cv, pn, pn)
         f_hat, nxt = q.next_input(si, f_hat, h)
         indices.append(idx)
