@@ -39,7 +39,8 @@ class Settings:
             s += f", window Picard (window {self.window}, tol {self.tol:g}" + (
                 f", Anderson {self.anderson})" if self.anderson else ")")
         elif self.method == "block":
-            s += f", block Picard ({self.block} steps x {self.sweeps or 'until tol'} sweeps" + (
+            sweeps = f"{self.sweeps} sweeps" if self.sweeps else f"sweeps until tol {self.tol:g}"
+            s += f", block Picard (blocks of {self.block} steps, {sweeps}" + (
                 f", Anderson {self.anderson})" if self.anderson else ")")
         else:
             s += ", sequential"
