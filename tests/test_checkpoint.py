@@ -66,8 +66,8 @@ def test_registry_presets_build_and_train_step():
             continue
         x = torch.rand(2, cfg.in_channels, cfg.img_size, cfg.img_size) * 2 - 1
         if model.family == "msvq":
-            rec, loss = model(x)
-            loss = loss + rec.square().mean()
+            out = model(x)
+            loss = out.vq_loss + out.rec.square().mean()
         elif model.family == "tarflow":
             for blk in model.blocks:
                 torch.nn.init.normal_(blk.proj_out.weight, std=0.01)

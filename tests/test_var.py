@@ -50,9 +50,10 @@ def test_oracle_reconstruction_and_vq_training_forward(var_oracle, vae):
         # the random decoder amplifies float32 rounding ~200x (a 1e-7 change of f_hat moves pixels by 2e-5; in
         # float64 ours is 1.4e-5 from the exact value, the reference 2.9e-5), hence 5e-5 here
         torch.testing.assert_close(vae.indices_to_img(v["gt_idx_Bl"]), v["rec_img"], atol=5e-5, rtol=1e-5)
-        rec, loss = vae(v["img"])
-    torch.testing.assert_close(rec, v["vae_forward_rec"], atol=5e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, v["vq_loss"], atol=1e-7, rtol=1e-5)
+        out = vae(v["img"])
+    torch.testing.assert_close(out.rec, v["vae_forward_rec"], atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(out.vq_loss, v["vq_loss"], atol=1e-7, rtol=1e-5)
+    assert out.hits.shape == (4, 64) and out.hits.sum(1).tolist() == [4 * pn * pn for pn in (1, 2, 3, 4)]
 
 
 def test_oracle_sampling_update_matches_teacher_forcing(var_oracle, vae):
@@ -220,3 +221,24 @@ def test_inpainting_forces_known_tokens_at_every_scale(var_oracle, var_model, va
         assert torch.equal(got[m], region.indices[si][m])
         changed += int((got[~m] != free.indices[si][~m]).sum())
     assert changed > 0  # the generated tokens see the forced context
+
+
+def test_vq_training_restarts_dead_codes_and_uses_more_of_the_codebook():
+    from functools import partial
+
+    from pargen import data
+    from pargen.training.loop import TrainConfig, train
+    from pargen.training.losses import msvq_loss
+
+    ds = data.load("digits", "train", 32)
+    used = {}
+    for restart in (False, True):
+        torch.manual_seed(0)
+        model = registry.create("msvq-mnist", vocab_size=128)
+        res = train(model, ds, partial(msvq_loss, restart=restart), TrainConfig(steps=30, batch_size=16, lr=2e-3,
+                    warmup=5, ema=0.0), progress=False)
+        assert sum(res.losses[-5:]) < sum(res.losses[:5])
+        with torch.no_grad():
+            idx = res.model.eval().img_to_indices(ds.float(slice(0, 256)))
+        used[restart] = len(torch.cat([i.flatten() for i in idx]).unique())
+    assert used[True] > 1.5 * used[False], used  # measured 82 vs 47 of 128 codes

@@ -9,6 +9,7 @@ Parameter names follow `models/vqvae.py` / `models/quant.py`, so official VAE st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -154,6 +155,27 @@ class MultiScaleQuantizer(nn.Module):
             return f_hat, F.interpolate(f_hat, size=(pn, pn), mode="area")
         return f_hat + self.phi(si)(h), None
 
+    @torch.no_grad()
+    def restart_dead_codes(self, hits: Tensor, pool: Tensor, pick: Tensor, decay: float = 0.99,
+                           threshold: float = 0.03) -> int:
+        """Dead-code restart, so a small dataset uses its whole codebook: update the usage EMA with this step's
+        hits (K, V) and move every code whose summed usage fell below `threshold` onto a latent vector of the
+        batch (`pool` (N, C), rows chosen by `pick` (>= number of dead codes) indices). Returns the count.
+        Under torchrun, hits are summed over ranks and rank 0's choice is broadcast, so replicas stay equal."""
+        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if dist_on:
+            torch.distributed.all_reduce(hits)
+        self.ema_vocab_hit_SV.mul_(decay).add_(hits, alpha=1 - decay)
+        usage = self.ema_vocab_hit_SV.sum(0)
+        dead = (usage < threshold).nonzero().flatten()
+        if len(dead):
+            self.embedding.weight[dead] = pool[pick[: len(dead)] % len(pool)].to(self.embedding.weight.dtype)
+            self.ema_vocab_hit_SV[:, dead] = self.ema_vocab_hit_SV.mean(1, keepdim=True)  # a fresh start
+        if dist_on:
+            torch.distributed.broadcast(self.embedding.weight.data, 0)
+            torch.distributed.broadcast(self.ema_vocab_hit_SV, 0)
+        return len(dead)
+
     def forward(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training path: (straight-through f_hat, VQ loss, per-scale code hits (K, V))."""
         B, C, H, W = f.shape
@@ -172,6 +194,13 @@ class MultiScaleQuantizer(nn.Module):
             loss = loss + F.mse_loss(f_hat.detach(), f).mul_(self.beta) + F.mse_loss(f_hat, f_no_grad)
         loss = loss / len(self.patch_nums)
         return (f_hat.detach() - f_no_grad) + f, loss, torch.stack(hits)
+
+
+class VQOutput(NamedTuple):
+    rec: Tensor
+    vq_loss: Tensor
+    hits: Tensor  # (K, V) code counts per scale
+    f: Tensor  # encoder latent (B, Cvae, h, w)
 
 
 @register_family("msvq")
@@ -206,10 +235,11 @@ class MSVQVAE(nn.Module):
     def indices_to_img(self, idx: list[Tensor]) -> Tensor:
         return self.fhat_to_img(self.quantize.fhat_from_indices(idx))
 
-    def forward(self, img: Tensor) -> tuple[Tensor, Tensor]:
-        """Training path: (reconstruction, VQ loss); not clamped, as in the reference."""
-        f_hat, loss, _ = self.quantize(self.encode(img))
-        return self.decoder(self.post_quant_conv(f_hat)), loss
+    def forward(self, img: Tensor) -> VQOutput:
+        """Training path: reconstruction (not clamped, as in the reference), VQ loss, code hits, latent."""
+        f = self.encode(img)
+        f_hat, loss, hits = self.quantize(f)
+        return VQOutput(self.decoder(self.post_quant_conv(f_hat)), loss, hits, f)
 
 
 def _preset(name: str, **kw) -> None:
@@ -218,3 +248,5 @@ def _preset(name: str, **kw) -> None:
 
 _preset("msvq-var-tiny", vocab_size=64, z_channels=16, ch=32, patch_nums=(1, 2, 3, 4), img_size=64)
 _preset("msvq-var-f16", vocab_size=4096, z_channels=32, ch=160, img_size=256)  # vae_ch160v4096z32.pth
+_preset("msvq-mnist", vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), patch_nums=(1, 2, 3, 4, 6, 8),
+        in_channels=1, img_size=32)

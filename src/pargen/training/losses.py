@@ -8,6 +8,7 @@ from torch import Tensor
 from ..models.classifier import Classifier
 from ..models.denoiser import Denoiser
 from ..models.tarflow import TarFlow
+from ..tokenizers.msvq import MSVQVAE
 from ..rng import SampleRNG
 
 
@@ -59,4 +60,19 @@ def denoiser_loss(model: Denoiser, x: Tensor, y: Tensor | None, rng: SampleRNG, 
     return F.mse_loss(model(ab.sqrt() * x + (1 - ab).sqrt() * eps, t, y), eps)
 
 
-LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss}
+def msvq_loss(model: MSVQVAE, x: Tensor, y: Tensor | None, rng: SampleRNG, restart: bool = True) -> Tensor:
+    """Reconstruction MSE + the multi-scale VQ loss (commitment-weighted, straight-through), with dead-code
+    restart onto latents of the batch chosen by the per-sample streams."""
+    out = model(x)
+    net = unwrap(model)
+    if restart and net.training:
+        pool = out.f.detach().permute(0, 2, 3, 1).reshape(-1, out.f.shape[1])
+        per = out.f.shape[2] * out.f.shape[3]
+        V = net.config.vocab_size
+        draws = rng.randint(per, -(-V // len(rng))).to(x.device)  # (B, ceil(V / B)): positions per sample
+        rows = (torch.arange(len(rng), device=x.device)[:, None] * per + draws).T.reshape(-1)
+        net.quantize.restart_dead_codes(out.hits.detach().clone(), pool, rows)
+    return F.mse_loss(out.rec, x) + out.vq_loss
+
+
+LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss, "msvq": msvq_loss}
