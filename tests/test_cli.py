@@ -72,6 +72,23 @@ def test_train_denoiser_then_sample_parallel_and_bench(tmp_path, capsys):
         assert r["rounds"] == (100 if r["sampler"] == "ddim" else 99) or r["method"] != "sequential"
 
 
+def test_train_tokenizer_then_var_on_it(tmp_path):
+    tok, var = tmp_path / "tok", tmp_path / "var"
+    assert main(["train", "msvq-mnist", "--data", "digits", "--size", "32", "--steps", "2", "--batch-size", "4",
+                 "--out", str(tok)]) == 0
+    assert main(["train", "var-mnist", "--data", "digits", "--size", "32", "--steps", "2", "--batch-size", "4",
+                 "--tokenizer", str(tok), "--out", str(var)]) == 0
+    assert json.loads((tmp_path / "var.json").read_text())["tokenizer"] == str(tok)
+    grid = tmp_path / "v.png"
+    assert main(["sample", str(var), "--n", "3", "--out", str(grid), "--top-k", "5", "--cfg", "2"]) == 0
+    assert grid.exists()
+    r = run_cli("train", "var-mnist", "--data", "digits", "--size", "32", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "need --tokenizer" in r.stderr
+    r = run_cli("train", "var-mnist", "--data", "digits", "--size", "32", "--out", str(tmp_path / "x"),
+                "--tokenizer", str(tok), "--set", "vocab_size=64")
+    assert r.returncode == 2 and "does not fit the model" in r.stderr
+
+
 def test_diffusion_auto_is_parallel_only_where_it_was_measured_to_win():
     from pargen import checkpoint
     from pargen.cli import diffusion as dm

@@ -163,6 +163,17 @@ def test_oracle_next_scale_sampling(var_oracle, var_model, vae, setting):
     torch.testing.assert_close(res.img, o["img"], atol=5e-5, rtol=1e-5)  # decoder amplification, see above
 
 
+def test_uncached_sampling_gives_the_same_tokens(var_oracle, var_model, vae):
+    from pargen.samplers import autoregressive as AR
+
+    kw = dict(cfg=4.0, top_k=20, top_p=0.9)
+    a = AR.sample(var_model, vae, torch.tensor([1, 7, 3, 9]), generator=torch.Generator().manual_seed(3), **kw)
+    b = AR.sample(var_model, vae, torch.tensor([1, 7, 3, 9]), generator=torch.Generator().manual_seed(3),
+                  kv_cache=False, **kw)
+    assert all(torch.equal(p, q) for p, q in zip(a.indices, b.indices))
+    torch.testing.assert_close(a.img, b.img, atol=1e-5, rtol=1e-5)
+
+
 def test_official_var_d16_layout_on_the_meta_device(tmp_path):
     """var_d16.pth: 220 keys, C 1024, 16 heads, L 680, 310.28M parameters; loads from a weights_only .pth."""
     from pargen.convert.var import load_var, var_config

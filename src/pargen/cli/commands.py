@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .. import checkpoint, data, registry
 from ..errors import PargenError
@@ -44,6 +46,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         d.add_argument("--block", type=positive_int, default=None, help="block-Picard block length M")
         d.add_argument("--sweeps", type=positive_int, default=None, help="block-Picard sweeps per block K")
         d.add_argument("--anderson", type=int, default=None, help="Anderson history depth (0: off)")
+        v = q.add_argument_group("VAR")
+        v.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+        v.add_argument("--top-p", type=nonneg_float, default=0.0, help="nucleus sampling mass (0: off)")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid",
                        description="Sample images. Seeds are per image (seed, seed+1, ...), so an image does not "
@@ -153,8 +158,25 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
         x, runs = dm.generate(model, seeds, y, st, args.batch_size, args.device, progress)
         desc = f"{st.describe()}, guidance {st.guidance:g}"
         unit = "step"
+    elif meta["family"] == "var":
+        from ..samplers import autoregressive as AR
+
+        tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
+        cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
+        imgs, runs = [], []
+        for s, lab in zip(tqdm(seeds, disable=not progress or len(seeds) < 64, desc="sample"), y):
+            # one image per call with its own generator: an image depends only on its seed and label
+            g = torch.Generator(device=args.device).manual_seed(s)
+            r = AR.sample(model, tok, lab.view(1).to(args.device), cfg=cfg, top_k=args.top_k, top_p=args.top_p,
+                          generator=g)
+            imgs.append(r.img.mul(2).sub(1).cpu())
+            runs.append(argparse.Namespace(rounds=r.rounds, nfe=model.config.L))
+        x = torch.cat(imgs)
+        desc = f"VAR next-scale, {len(model.config.patch_nums)} scales, cfg {cfg:g}, top-k {args.top_k}, " \
+               f"top-p {args.top_p:g}"
+        unit = "token"
     else:
-        raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow, denoiser")
+        raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow, denoiser, var")
     rounds = sum(r.rounds for r in runs) / len(runs)
     nfe = sum(r.nfe for r in runs) / len(runs)
     return x, desc, f"{rounds:.0f} sequential model calls per batch, {nfe:.0f} {unit} evaluations per image"
@@ -337,6 +359,21 @@ def _check_data_fits(cfg, ds: data.ImageData) -> None:
                              f"has labels up to {int(ds.labels.max())}"))
 
 
+def _tokenizer_for(name: str | None, cfg, device: str):
+    """The frozen multi-scale tokenizer a VAR model trains or samples on, checked against its config."""
+    if not name:
+        raise PargenError("VAR models need --tokenizer CKPT (a trained msvq checkpoint)")
+    tok, meta = checkpoint.load(checkpoint.resolve(name))
+    if meta["family"] != "msvq":
+        raise PargenError(f"{name} is a {meta['family']} checkpoint, not a multi-scale tokenizer")
+    t = tok.config
+    if (t.vocab_size, t.z_channels, tuple(t.patch_nums)) != (cfg.vocab_size, cfg.z_channels, tuple(cfg.patch_nums)):
+        raise PargenError(f"tokenizer {name} (vocab {t.vocab_size}, {t.z_channels} channels, scales {t.patch_nums}) "
+                          f"does not fit the model (vocab {cfg.vocab_size}, {cfg.z_channels} channels, scales "
+                          f"{cfg.patch_nums})")
+    return tok.to(device).eval().requires_grad_(False)
+
+
 def cmd_train(args) -> int:
     from ..evaluation import metrics
     from ..training.loop import TrainConfig, train
@@ -352,7 +389,11 @@ def cmd_train(args) -> int:
     nparams = sum(p.numel() for p in model.parameters())
     print(f"training {args.model} ({family}, {nparams / 1e6:.2f}M parameters) on {ds.name} ({len(ds)} images)")
     meta = {"preset": args.model, "data": args.data, "size": args.size, "params": nparams}
-    res = train(model, ds, LOSSES[family], tcfg, out=args.out, resume=args.resume, meta=meta)
+    loss_fn = LOSSES[family]
+    if family == "var":
+        loss_fn = functools.partial(loss_fn, tokenizer=_tokenizer_for(args.tokenizer, cfg, args.device))
+        meta["tokenizer"] = args.tokenizer
+    res = train(model, ds, loss_fn, tcfg, out=args.out, resume=args.resume, meta=meta)
     print(f"done: {len(res.losses)} steps, final loss {sum(res.losses[-50:]) / len(res.losses[-50:]):.4f}, "
           f"{res.seconds / 60:.1f} min; checkpoint {checkpoint.stem(args.out)}")
     extra = {"steps": len(res.losses), "train_minutes": round(res.seconds / 60, 2)}

@@ -235,3 +235,5 @@ def _preset(name: str, **kw) -> None:
 _preset("var-tiny", vocab_size=64, z_channels=16, depth=2, width=128, heads=2, num_classes=10,
         patch_nums=(1, 2, 3, 4))
 _preset("var-d16", depth=16)  # var_d16.pth
+_preset("var-mnist", vocab_size=512, z_channels=16, depth=4, width=128, heads=4, num_classes=10,
+        patch_nums=(1, 2, 3, 4, 6, 8))

@@ -67,10 +67,11 @@ def known_region(vae: MSVQVAE, img: Tensor, keep: Tensor, threshold: float = 0.5
 @torch.no_grad()
 def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | None = None, cfg: float = 1.5,
            top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, generator: torch.Generator | None = None,
-           known: Known | None = None, trace: bool = False) -> VARSample:
+           known: Known | None = None, kv_cache: bool = True, trace: bool = False) -> VARSample:
     """Sample images scale by scale. labels: (B,) tensor, an int for all (< 0: unconditional), or None (drawn
     uniformly from `generator`, then `batch` is required). Guidance weight at scale si is cfg * si / (K - 1).
-    `known` forces tokens after each draw (the draws themselves are unchanged, so the random stream is too)."""
+    `known` forces tokens after each draw (the draws themselves are unchanged, so the random stream is too).
+    `kv_cache=False` recomputes every earlier scale at each step (the uncached baseline of `pargen bench var`)."""
     c = var.config
     dev = var.pos_1LC.device
     if labels is None:
@@ -87,16 +88,24 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
     cond, ada = var.condition(torch.cat((labels, torch.full_like(labels, c.num_classes))))
     lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
     x = cond.unsqueeze(1) + var.pos_start + lvl_pos[:, :1]
-    cache = KVCache.empty(c.depth, 2 * B, c.H, c.L, c.C // c.H, like=x)
+    cache = KVCache.empty(c.depth, 2 * B, c.H, c.L, c.C // c.H, like=x) if kv_cache else None
+    prefix = None
     f_hat = x.new_zeros(B, Cv, c.patch_nums[-1], c.patch_nums[-1])
     indices, steps = [], []
     cur = 0
     for si, pn in enumerate(c.patch_nums):
         ratio = si / (K - 1)
         cur += pn * pn
-        for i, blk in enumerate(var.blocks):
-            x = blk(x, ada, cache=cache, layer=i)
-        cache.commit(pn * pn)
+        if kv_cache:
+            for i, blk in enumerate(var.blocks):
+                x = blk(x, ada, cache=cache, layer=i)
+            cache.commit(pn * pn)
+        else:  # the baseline: re-run the whole prefix under the block-causal mask, keep the newest scale
+            prefix = x if prefix is None else torch.cat((prefix, x), 1)
+            h = prefix
+            for blk in var.blocks:
+                h = blk(h, ada, var.attn_bias_for_masking[..., :cur, :cur])
+            x = h[:, cur - pn * pn:]
         logits = var.logits(x, cond)
         t = cfg * ratio
         logits = (1 + t) * logits[:B] - t * logits[B:]

@@ -248,5 +248,5 @@ def _preset(name: str, **kw) -> None:
 
 _preset("msvq-var-tiny", vocab_size=64, z_channels=16, ch=32, patch_nums=(1, 2, 3, 4), img_size=64)
 _preset("msvq-var-f16", vocab_size=4096, z_channels=32, ch=160, img_size=256)  # vae_ch160v4096z32.pth
-_preset("msvq-mnist", vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), patch_nums=(1, 2, 3, 4, 6, 8),
-        in_channels=1, img_size=32)
+_preset("msvq-mnist", vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+        patch_nums=(1, 2, 3, 4, 6, 8), in_channels=1, img_size=32)

@@ -8,6 +8,7 @@ from torch import Tensor
 from ..models.classifier import Classifier
 from ..models.denoiser import Denoiser
 from ..models.tarflow import TarFlow
+from ..models.var import VAR
 from ..tokenizers.msvq import MSVQVAE
 from ..rng import SampleRNG
 
@@ -75,4 +76,19 @@ def msvq_loss(model: MSVQVAE, x: Tensor, y: Tensor | None, rng: SampleRNG, resta
     return F.mse_loss(out.rec, x) + out.vq_loss
 
 
-LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss, "msvq": msvq_loss}
+def var_loss(model: VAR, x: Tensor, y: Tensor | None, rng: SampleRNG, tokenizer: MSVQVAE,
+             label_drop: float = 0.1) -> Tensor:
+    """Next-scale cross-entropy over all scales, teacher-forced with the frozen tokenizer's tokens; labels are
+    dropped to the null class with probability `label_drop` from the per-sample streams."""
+    net = unwrap(model)
+    with torch.no_grad():
+        idx = tokenizer.img_to_indices(x)
+        inputs = tokenizer.quantize.teacher_forcing_input(idx)
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device) if y is None else y
+    y = drop_labels(y, label_drop, rng)
+    logits = model(torch.where(y < 0, net.config.num_classes, y), inputs, cond_drop=0.0)
+    return net.loss(logits, torch.cat(idx, 1))
+
+
+LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss, "msvq": msvq_loss,
+          "var": var_loss}
