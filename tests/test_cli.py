@@ -82,6 +82,12 @@ def test_train_tokenizer_then_var_on_it(tmp_path):
     grid = tmp_path / "v.png"
     assert main(["sample", str(var), "--n", "3", "--out", str(grid), "--top-k", "5", "--cfg", "2"]) == 0
     assert grid.exists()
+    js = tmp_path / "bench.json"
+    assert main(["bench", "var", "--checkpoint", str(var), "--batch", "2", "--repeats", "1", "--json", str(js)]) == 0
+    recs = json.loads(js.read_text())
+    assert [r["method"] for r in recs] == ["no-kv-cache", "kv-cache"]
+    assert recs[1]["nfe"] == 130 and recs[0]["nfe"] == 1 + 5 + 14 + 30 + 66 + 130 and recs[1]["rounds"] == 6
+    assert recs[1]["max_abs_err"] < 1e-4 and recs[1]["kv_cache_mib"] > 0  # same tokens with or without cache
     r = run_cli("train", "var-mnist", "--data", "digits", "--size", "32", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "need --tokenizer" in r.stderr
     r = run_cli("train", "var-mnist", "--data", "digits", "--size", "32", "--out", str(tmp_path / "x"),

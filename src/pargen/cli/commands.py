@@ -78,7 +78,7 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        description="Runs the baseline and the fast samplers in one process on the same model and "
                                    "noise (warm-up, then --repeats timed runs) and reports rounds, model evaluations, "
                                    "wall medians, speed-up and error against the baseline.")
-    b.add_argument("family", choices=["tarflow", "diffusion"], help="model family")
+    b.add_argument("family", choices=["tarflow", "diffusion", "var"], help="model family")
     b.add_argument("--checkpoint", default=None, help="default: the bundled model of the family")
     b.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16])
     b.add_argument("--repeats", type=positive_int, default=5)
@@ -248,6 +248,8 @@ def cmd_bench(args) -> int:
 
     if args.family == "diffusion":
         return _bench_diffusion(args)
+    if args.family == "var":
+        return _bench_var(args)
     model, meta, path = _load(args.checkpoint or f"{args.family}-mnist", args.device)
     guidance = tf.default_guidance(meta, args.cfg, None, None)
     print(f"bench {args.family}: {path.name}, batches {args.batch}, {args.repeats} repeats, "
@@ -305,6 +307,42 @@ def _bench_diffusion(args) -> int:
                 fake, _ = dm.generate(model, seeds, y, st, 50, args.device)
                 fids[key] = metrics.scores(real, fake, feats)["fid"]
             r["fid"], r["fid_n"] = fids[key], args.fid
+    print(benchmod.table(records))
+    if args.json:
+        write_json(records, args.json)
+        print(f"records written to {args.json}")
+    return 0
+
+
+def _bench_var(args) -> int:
+    """KV-cached next-scale sampling against the same model re-running its prefix at every scale."""
+    from ..evaluation import bench as benchmod
+    from ..samplers import autoregressive as AR
+
+    model, meta, path = _load(args.checkpoint or "var-mnist", args.device)
+    if meta["family"] != "var":
+        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a VAR model")
+    tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
+    c = model.config
+    cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
+    print(f"bench var: {path.name}, {len(c.patch_nums)} scales (L = {c.L}), batches {args.batch}, cfg {cfg:g}, "
+          f"{torch.get_num_threads()} threads")
+    records = []
+    for B in args.batch:
+        seeds = list(range(args.seed, args.seed + B))
+        y = labels_for(model, seeds, None).to(args.device)
+
+        def runner(kv: bool):
+            def go():
+                r = AR.sample(model, tok, y, cfg=cfg, kv_cache=kv, generator=torch.Generator().manual_seed(args.seed))
+                prefix_tokens = sum(sum(p * p for p in c.patch_nums[: i + 1]) for i in range(len(c.patch_nums)))
+                return r.img, {"rounds": r.rounds, "nfe": c.L if kv else prefix_tokens}
+            return go
+
+        kv_bytes = 2 * c.depth * 2 * B * c.L * c.C * 4  # keys and values, both guidance branches, float32
+        records += benchmod.run("var", benchmod.Method("no-kv-cache", runner(False)),
+                                [benchmod.Method("kv-cache", runner(True), {"kv_cache_mib": kv_bytes / 2**20})],
+                                batch=B, seed=args.seed, repeats=args.repeats)
     print(benchmod.table(records))
     if args.json:
         write_json(records, args.json)
