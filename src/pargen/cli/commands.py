@@ -242,7 +242,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ..evaluation import bench as benchmod
     from ..evaluation import metrics
     from . import tarflow as tf
 
@@ -268,15 +267,21 @@ def cmd_bench(args) -> int:
             for r in records:
                 if r["method"] == ("sequential" if method == "sequential" else "gs-jacobi-auto"):
                     r["fid"], r["fid_n"] = fid, args.fid
+    return _report(records, args.json)
+
+
+def _report(records: list[dict], path: str | None) -> int:
+    """Print a bench table and write its records as JSON when asked."""
+    from ..evaluation import bench as benchmod
+
     print(benchmod.table(records))
-    if args.json:
-        write_json(records, args.json)
-        print(f"records written to {args.json}")
+    if path:
+        write_json(records, path)
+        print(f"records written to {path}")
     return 0
 
 
 def _bench_diffusion(args) -> int:
-    from ..evaluation import bench as benchmod
     from ..evaluation import metrics
     from . import diffusion as dm
 
@@ -307,11 +312,7 @@ def _bench_diffusion(args) -> int:
                 fake, _ = dm.generate(model, seeds, y, st, 50, args.device)
                 fids[key] = metrics.scores(real, fake, feats)["fid"]
             r["fid"], r["fid_n"] = fids[key], args.fid
-    print(benchmod.table(records))
-    if args.json:
-        write_json(records, args.json)
-        print(f"records written to {args.json}")
-    return 0
+    return _report(records, args.json)
 
 
 def _bench_var(args) -> int:
@@ -343,11 +344,7 @@ def _bench_var(args) -> int:
         records += benchmod.run("var", benchmod.Method("no-kv-cache", runner(False)),
                                 [benchmod.Method("kv-cache", runner(True), {"kv_cache_mib": kv_bytes / 2**20})],
                                 batch=B, seed=args.seed, repeats=args.repeats)
-    print(benchmod.table(records))
-    if args.json:
-        write_json(records, args.json)
-        print(f"records written to {args.json}")
-    return 0
+    return _report(records, args.json)
 
 
 def cmd_calibrate(args) -> int:
