@@ -64,8 +64,15 @@ def test_registry_presets_build_and_train_step():
             loss.backward()
             assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()), name
             continue
+        if model.family == "raster":
+            loss = torch.nn.functional.cross_entropy(
+                model(torch.tensor([0, -1]), torch.randint(cfg.vocab_size, (2, cfg.tokens))).flatten(0, 1),
+                torch.randint(cfg.vocab_size, (2 * cfg.tokens,)))
+            loss.backward()  # the output head starts at zero, so only it gets a gradient at step 0
+            assert torch.isfinite(model.output.weight.grad).all() and model.output.weight.grad.abs().sum() > 0, name
+            continue
         x = torch.rand(2, cfg.in_channels, cfg.img_size, cfg.img_size) * 2 - 1
-        if model.family == "msvq":
+        if model.family in ("msvq", "vq"):
             out = model(x)
             loss = out.vq_loss + out.rec.square().mean()
         elif model.family == "tarflow":

@@ -82,14 +82,26 @@ def test_train_tokenizer_then_var_on_it(tmp_path):
     grid = tmp_path / "v.png"
     assert main(["sample", str(var), "--n", "3", "--out", str(grid), "--top-k", "5", "--cfg", "2"]) == 0
     assert grid.exists()
+    vq, raster = tmp_path / "vq", tmp_path / "raster"
+    assert main(["train", "vq-mnist", "--data", "digits", "--size", "32", "--steps", "2", "--batch-size", "4",
+                 "--out", str(vq)]) == 0
+    assert main(["train", "raster-mnist", "--data", "digits", "--size", "32", "--steps", "2", "--batch-size", "4",
+                 "--tokenizer", str(vq), "--out", str(raster)]) == 0
+    assert main(["sample", str(raster), "--n", "2", "--out", str(tmp_path / "r.png"), "--cfg", "2"]) == 0
     js = tmp_path / "bench.json"
-    assert main(["bench", "var", "--checkpoint", str(var), "--batch", "2", "--repeats", "1", "--json", str(js)]) == 0
+    assert main(["bench", "var", "--checkpoint", str(var), "--raster", str(raster), "--batch", "2", "--repeats", "1",
+                 "--json", str(js)]) == 0
     recs = json.loads(js.read_text())
-    assert [r["method"] for r in recs] == ["no-kv-cache", "kv-cache"]
+    assert [r["method"] for r in recs] == ["no-kv-cache", "kv-cache", "raster-ar", "var-kv-cache"]
     assert recs[1]["nfe"] == 130 and recs[0]["nfe"] == 1 + 5 + 14 + 30 + 66 + 130 and recs[1]["rounds"] == 6
     assert recs[1]["max_abs_err"] < 1e-4 and recs[1]["kv_cache_mib"] > 0  # same tokens with or without cache
+    assert len(recs[1]["scale_ms"]) == 6 and recs[2]["rounds"] == recs[2]["nfe"] == 64
+    assert recs[3]["max_abs_err"] is None and recs[3]["speedup"] > 0  # another model: a ratio, no error
+    r = run_cli("train", "raster-mnist", "--data", "digits", "--size", "32", "--out", str(tmp_path / "x"),
+                "--tokenizer", str(tok))
+    assert r.returncode == 2 and "needs a vq tokenizer" in r.stderr
     r = run_cli("train", "var-mnist", "--data", "digits", "--size", "32", "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and "need --tokenizer" in r.stderr
+    assert r.returncode == 2 and "needs --tokenizer" in r.stderr
     r = run_cli("train", "var-mnist", "--data", "digits", "--size", "32", "--out", str(tmp_path / "x"),
                 "--tokenizer", str(tok), "--set", "vocab_size=64")
     assert r.returncode == 2 and "does not fit the model" in r.stderr

@@ -239,14 +239,14 @@ def test_vq_training_restarts_dead_codes_and_uses_more_of_the_codebook():
 
     from pargen import data
     from pargen.training.loop import TrainConfig, train
-    from pargen.training.losses import msvq_loss
+    from pargen.training.losses import vq_loss
 
     ds = data.load("digits", "train", 32)
     used = {}
     for restart in (False, True):
         torch.manual_seed(0)
         model = registry.create("msvq-mnist", vocab_size=128)
-        res = train(model, ds, partial(msvq_loss, restart=restart), TrainConfig(steps=30, batch_size=16, lr=2e-3,
+        res = train(model, ds, partial(vq_loss, restart=restart), TrainConfig(steps=30, batch_size=16, lr=2e-3,
                     warmup=5, ema=0.0), progress=False)
         assert sum(res.losses[-5:]) < sum(res.losses[:5])
         with torch.no_grad():

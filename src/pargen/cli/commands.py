@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import shlex
 from pathlib import Path
@@ -28,7 +29,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         q.add_argument("--tol", type=nonneg_float, default=None,
                        help="fixed-point tolerance (TarFlow: relative change; diffusion: relative to each step's "
                             "noise std)")
-        q.add_argument("--cfg", type=nonneg_float, default=None, help="guidance scale (default: the checkpoint's)")
+        q.add_argument("--cfg", type=nonneg_float, default=None, help="guidance scale (default: the checkpoint's). VAR: (1+s) cond - s uncond, s ramped "
+                            "over the scales; raster AR: uncond + s (cond - uncond), 1 = no guidance")
         q.add_argument("--batch-size", type=positive_int, default=16)
         t = q.add_argument_group("TarFlow")
         t.add_argument("--segments", type=positive_int, default=None, help="GS-Jacobi segments per block")
@@ -46,9 +48,10 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         d.add_argument("--block", type=positive_int, default=None, help="block-Picard block length M")
         d.add_argument("--sweeps", type=positive_int, default=None, help="block-Picard sweeps per block K")
         d.add_argument("--anderson", type=int, default=None, help="Anderson history depth (0: off)")
-        v = q.add_argument_group("VAR")
+        v = q.add_argument_group("VAR and raster AR")
         v.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
         v.add_argument("--top-p", type=nonneg_float, default=0.0, help="nucleus sampling mass (0: off)")
+        v.add_argument("--temperature", type=nonneg_float, default=None, help="raster AR sampling temperature")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid",
                        description="Sample images. Seeds are per image (seed, seed+1, ...), so an image does not "
@@ -87,6 +90,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--fid", type=positive_int, default=None, metavar="N",
                    help="also the classifier FID of N samples for the baseline and the default fast sampler")
+    b.add_argument("--raster", default="raster-mnist", metavar="CKPT",
+                   help="var: the raster-order AR model over the same final token grid to compare with "
+                        "('none' to skip)")
     b.add_argument("--samplers", nargs="+", choices=["ddim", "ddpm", "ode"], default=["ddim", "ddpm", "ode"],
                    help="diffusion samplers to time (each with its default step count)")
     g = b.add_argument_group("diffusion settings (default: the checkpoint's tuned ones)")
@@ -175,8 +181,27 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
         desc = f"VAR next-scale, {len(model.config.patch_nums)} scales, cfg {cfg:g}, top-k {args.top_k}, " \
                f"top-p {args.top_p:g}"
         unit = "token"
+    elif meta["family"] == "raster":
+        from ..samplers import autoregressive as AR
+
+        tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
+        defaults = meta.get("sample_defaults", {})
+        cfg = defaults.get("guidance", 1.0) if args.cfg is None else args.cfg
+        temp = defaults.get("temperature", 1.0) if args.temperature is None else args.temperature
+        imgs, runs = [], []
+        for s, lab in zip(tqdm(seeds, disable=not progress or len(seeds) < 16, desc="sample"), y):
+            g = torch.Generator(device=args.device).manual_seed(s)
+            r = AR.sample_raster(model, tok, lab.view(1).to(args.device), cfg=cfg, temperature=temp,
+                                 top_k=args.top_k, top_p=args.top_p, generator=g)
+            imgs.append(r.img.mul(2).sub(1).cpu())
+            runs.append(r)
+        x = torch.cat(imgs)
+        desc = f"raster AR, {model.config.tokens} tokens, cfg {cfg:g}, temperature {temp:g}, top-k {args.top_k}, " \
+               f"top-p {args.top_p:g}"
+        unit = "token"
     else:
-        raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow, denoiser, var")
+        raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow, denoiser, var, "
+                          "raster")
     rounds = sum(r.rounds for r in runs) / len(runs)
     nfe = sum(r.nfe for r in runs) / len(runs)
     return x, desc, f"{rounds:.0f} sequential model calls per batch, {nfe:.0f} {unit} evaluations per image"
@@ -316,8 +341,10 @@ def _bench_diffusion(args) -> int:
 
 
 def _bench_var(args) -> int:
-    """KV-cached next-scale sampling against the same model re-running its prefix at every scale."""
+    """KV-cached next-scale sampling against the same model re-running its prefix at every scale (same tokens),
+    and against a raster-order AR model over the same final token grid (another model: the paper's ratio)."""
     from ..evaluation import bench as benchmod
+    from ..evaluation import metrics
     from ..samplers import autoregressive as AR
 
     model, meta, path = _load(args.checkpoint or "var-mnist", args.device)
@@ -326,24 +353,69 @@ def _bench_var(args) -> int:
     tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
     c = model.config
     cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
-    print(f"bench var: {path.name}, {len(c.patch_nums)} scales (L = {c.L}), batches {args.batch}, cfg {cfg:g}, "
-          f"{torch.get_num_threads()} threads")
+    raster = None
+    if args.raster != "none":
+        rmodel, rmeta, rpath = _load(args.raster, args.device)
+        if rmeta["family"] != "raster":
+            raise PargenError(f"{rpath} is a {rmeta['family']} checkpoint, not a raster AR model")
+        rtok = _tokenizer_for(rmeta.get("tokenizer"), rmodel.config, args.device)
+        rd = rmeta.get("sample_defaults", {})
+        raster = (rmodel, rtok, rd.get("guidance", 1.0), rd.get("temperature", 1.0), rpath.name)
+    print(f"bench var: {path.name}, {len(c.patch_nums)} scales (L = {c.L}), batches {args.batch}, cfg {cfg:g}"
+          + (f"; raster AR {raster[4]} ({raster[0].config.tokens} tokens, cfg {raster[2]:g})" if raster else "")
+          + f"; {torch.get_num_threads()} threads")
     records = []
     for B in args.batch:
         seeds = list(range(args.seed, args.seed + B))
         y = labels_for(model, seeds, None).to(args.device)
 
-        def runner(kv: bool):
+        def var_run(kv: bool):
             def go():
                 r = AR.sample(model, tok, y, cfg=cfg, kv_cache=kv, generator=torch.Generator().manual_seed(args.seed))
                 prefix_tokens = sum(sum(p * p for p in c.patch_nums[: i + 1]) for i in range(len(c.patch_nums)))
-                return r.img, {"rounds": r.rounds, "nfe": c.L if kv else prefix_tokens}
+                return r.img, {"rounds": r.rounds, "nfe": c.L if kv else prefix_tokens,
+                               "scale_ms": [round(1e3 * t, 2) for t in r.scale_seconds]}
             return go
 
-        kv_bytes = 2 * c.depth * 2 * B * c.L * c.C * 4  # keys and values, both guidance branches, float32
-        records += benchmod.run("var", benchmod.Method("no-kv-cache", runner(False)),
-                                [benchmod.Method("kv-cache", runner(True), {"kv_cache_mib": kv_bytes / 2**20})],
+        branches = 2  # VAR always runs the conditional and the unconditional branch
+        var_kv = benchmod.Method("kv-cache", var_run(True),
+                                 {"kv_cache_mib": 2 * c.depth * branches * B * c.L * c.C * 4 / 2**20})
+        records += benchmod.run("var", benchmod.Method("no-kv-cache", var_run(False)), [var_kv],
                                 batch=B, seed=args.seed, repeats=args.repeats)
+        if raster:
+            rmodel, rtok, rcfg, rtemp, _ = raster
+            rc = rmodel.config
+
+            def raster_run():
+                r = AR.sample_raster(rmodel, rtok, y, cfg=rcfg, temperature=rtemp,
+                                     generator=torch.Generator().manual_seed(args.seed))
+                return r.img, {"rounds": r.rounds, "nfe": r.nfe}
+
+            nb = 1 if rcfg == 1 else 2
+            base = benchmod.Method("raster-ar", raster_run,
+                                   {"kv_cache_mib": 2 * rc.depth * nb * B * rc.tokens * rc.width * 4 / 2**20})
+            recs = benchmod.run("var", base, [dataclasses.replace(var_kv, name="var-kv-cache", compare=False)],
+                                batch=B, seed=args.seed, repeats=args.repeats)
+            recs[0]["max_abs_err"] = recs[0]["rel_err"] = None  # a different model: no error to report
+            records += recs
+    if args.fid:
+        clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
+        real = data.load("mnist", "test").float()
+        feats = metrics.classifier_features(clf)
+        seeds = list(range(args.seed, args.seed + args.fid))
+        y = labels_for(model, seeds, None).to(args.device)
+        fakes = {"kv-cache": torch.cat([AR.sample(model, tok, y[i: i + 50], cfg=cfg, generator=torch.Generator()
+                                                  .manual_seed(args.seed + i)).img for i in range(0, len(y), 50)])}
+        if raster:
+            rmodel, rtok, rcfg, rtemp, _ = raster
+            fakes["raster-ar"] = torch.cat([AR.sample_raster(rmodel, rtok, y[i: i + 50], cfg=rcfg, temperature=rtemp,
+                                                             generator=torch.Generator().manual_seed(args.seed + i))
+                                            .img for i in range(0, len(y), 50)])
+        fid = {k: metrics.scores(real, v.mul(2).sub(1), feats)["fid"] for k, v in fakes.items()}
+        for r in records:
+            key = {"no-kv-cache": "kv-cache", "var-kv-cache": "kv-cache"}.get(r["method"], r["method"])
+            if key in fid:
+                r["fid"], r["fid_n"] = fid[key], args.fid
     return _report(records, args.json)
 
 
@@ -395,17 +467,24 @@ def _check_data_fits(cfg, ds: data.ImageData) -> None:
 
 
 def _tokenizer_for(name: str | None, cfg, device: str):
-    """The frozen multi-scale tokenizer a VAR model trains or samples on, checked against its config."""
+    """The frozen tokenizer a token model trains or samples on (multi-scale for VAR, single-scale for raster
+    models), checked against the model's config."""
+    want = "msvq" if hasattr(cfg, "patch_nums") else "vq"
     if not name:
-        raise PargenError("VAR models need --tokenizer CKPT (a trained msvq checkpoint)")
+        raise PargenError(f"this model needs --tokenizer CKPT (a trained {want} checkpoint)")
     tok, meta = checkpoint.load(checkpoint.resolve(name))
-    if meta["family"] != "msvq":
-        raise PargenError(f"{name} is a {meta['family']} checkpoint, not a multi-scale tokenizer")
+    if meta["family"] != want:
+        raise PargenError(f"{name} is a {meta['family']} checkpoint; this model needs a {want} tokenizer")
     t = tok.config
-    if (t.vocab_size, t.z_channels, tuple(t.patch_nums)) != (cfg.vocab_size, cfg.z_channels, tuple(cfg.patch_nums)):
-        raise PargenError(f"tokenizer {name} (vocab {t.vocab_size}, {t.z_channels} channels, scales {t.patch_nums}) "
-                          f"does not fit the model (vocab {cfg.vocab_size}, {cfg.z_channels} channels, scales "
-                          f"{cfg.patch_nums})")
+    if want == "msvq":
+        fits = (t.vocab_size, t.z_channels, tuple(t.patch_nums)) == (cfg.vocab_size, cfg.z_channels,
+                                                                     tuple(cfg.patch_nums))
+        what = lambda o: f"vocab {o.vocab_size}, {o.z_channels} channels, scales {tuple(o.patch_nums)}"  # noqa: E731
+    else:
+        fits = (t.vocab_size, t.grid) == (cfg.vocab_size, cfg.grid)
+        what = lambda o: f"vocab {o.vocab_size}, {o.grid}x{o.grid} tokens"  # noqa: E731
+    if not fits:
+        raise PargenError(f"tokenizer {name} ({what(t)}) does not fit the model ({what(cfg)})")
     return tok.to(device).eval().requires_grad_(False)
 
 
@@ -425,7 +504,7 @@ def cmd_train(args) -> int:
     print(f"training {args.model} ({family}, {nparams / 1e6:.2f}M parameters) on {ds.name} ({len(ds)} images)")
     meta = {"preset": args.model, "data": args.data, "size": args.size, "params": nparams}
     loss_fn = LOSSES[family]
-    if family == "var":
+    if family in ("var", "raster"):
         loss_fn = functools.partial(loss_fn, tokenizer=_tokenizer_for(args.tokenizer, cfg, args.device))
         meta["tokenizer"] = args.tokenizer
     res = train(model, ds, loss_fn, tcfg, out=args.out, resume=args.resume, meta=meta)

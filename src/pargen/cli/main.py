@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from --out's training state")
     t.add_argument("--export-fp16", default=None, metavar="PATH", help="also write fp16 weights here at the end")
     t.add_argument("--eval", action="store_true", help="report test accuracy / bits per dim at the end")
-    t.add_argument("--tokenizer", default=None, metavar="CKPT", help="VAR: the trained msvq tokenizer to train on")
+    t.add_argument("--tokenizer", default=None, metavar="CKPT", help="token models: the frozen tokenizer to train on (VAR: msvq, raster AR: vq)")
 
     sub.add_parser("list", help="list model presets, datasets and bundled checkpoints")
 

@@ -22,6 +22,7 @@ class Method:
     name: str
     run: Callable[[], tuple[Tensor, dict[str, Any]]]  # -> (output, {"rounds": .., "nfe": .., ...})
     extra: dict[str, Any] = field(default_factory=dict)
+    compare: bool = True  # False: another model (errors against the baseline mean nothing, left empty)
 
 
 def _time(m: Method, repeats: int, warmup: int) -> tuple[Tensor, dict[str, Any], list[float]]:
@@ -47,13 +48,13 @@ def run(family: str, baseline: Method, methods: list[Method], *, batch: int, see
     for m, (out, cost, times) in [(baseline, (ref, ref_cost, ref_times))] + [(m, _time(m, repeats, warmup))
                                                                                for m in methods]:
         med = statistics.median(times)
-        diff = (out.double() - ref.double())
+        diff = (out.double() - ref.double()) if m.compare else None
         records.append({
             "family": family, "method": m.name, "baseline": baseline.name, "batch": batch, "seed": seed,
             "rounds": cost.get("rounds"), "nfe": cost.get("nfe"),
             "wall_s_median": med, "wall_s_min": min(times), "speedup": ref_med / med,
-            "max_abs_err": diff.abs().max().item(),
-            "rel_err": (diff.norm() / ref.double().norm().clamp_min(1e-30)).item(),
+            "max_abs_err": None if diff is None else diff.abs().max().item(),
+            "rel_err": None if diff is None else (diff.norm() / ref.double().norm().clamp_min(1e-30)).item(),
             **{k: v for k, v in cost.items() if k not in ("rounds", "nfe")}, **m.extra,
         })
     return records

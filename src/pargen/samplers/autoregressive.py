@@ -1,19 +1,26 @@
-"""Next-scale sampling for VAR with an explicit KV cache, classifier-free guidance ramped over the scales,
-top-k / top-p, and the "more smooth" Gumbel variant; random numbers are drawn in the reference's order
-(label draw, then per scale the token draw and, if smooth, the Gumbel noise), so a seeded generator reproduces
-FoundationVision/VAR's `autoregressive_infer_cfg` token for token.
+"""Autoregressive token samplers with an explicit KV cache.
+
+- VAR next-scale sampling (`sample`), with classifier-free guidance ramped over the scales, top-k / top-p, and the
+  "more smooth" Gumbel variant; random numbers are drawn in the reference's order (label draw, then per scale the
+  token draw and, if smooth, the Gumbel noise), so a seeded generator reproduces FoundationVision/VAR's
+  `autoregressive_infer_cfg` token for token.
+- Raster-order next-token sampling (`sample_raster`) for `RasterAR`, LlamaGen's guidance
+  (uncond + s (cond - uncond)), temperature, top-k / top-p: one model call per token.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.raster_ar import RasterAR
 from ..models.var import VAR
 from ..nn.attention import KVCache
 from ..tokenizers.msvq import MSVQVAE
+from ..tokenizers.vq import VQVAE
 
 
 def top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
@@ -43,6 +50,7 @@ class VARSample:
     labels: Tensor
     trace: list[dict[str, Tensor]] = field(default_factory=list)  # per scale, when asked
     rounds: int = 0  # sequential transformer calls (one per scale)
+    scale_seconds: list[float] = field(default_factory=list)  # wall time of each scale (model call + draw)
 
 
 @dataclass
@@ -91,9 +99,10 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
     cache = KVCache.empty(c.depth, 2 * B, c.H, c.L, c.C // c.H, like=x) if kv_cache else None
     prefix = None
     f_hat = x.new_zeros(B, Cv, c.patch_nums[-1], c.patch_nums[-1])
-    indices, steps = [], []
+    indices, steps, seconds = [], [], []
     cur = 0
     for si, pn in enumerate(c.patch_nums):
+        t0 = time.perf_counter()
         ratio = si / (K - 1)
         cur += pn * pn
         if kv_cache:
@@ -129,5 +138,53 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
         if nxt is not None:
             x = var.word_embed(nxt.view(B, Cv, -1).transpose(1, 2)) + lvl_pos[:, cur: cur + c.patch_nums[si + 1] ** 2]
             x = x.repeat(2, 1, 1)
+        seconds.append(time.perf_counter() - t0)
     img = vae.fhat_to_img(f_hat).add(1).mul(0.5)
-    return VARSample(img, indices, f_hat, labels, steps, rounds=K)
+    return VARSample(img, indices, f_hat, labels, steps, rounds=K, scale_seconds=seconds)
+
+
+@dataclass
+class RasterSample:
+    img: Tensor  # (B, C, H, W) in [0, 1]
+    tokens: Tensor  # (B, N) raster order
+    labels: Tensor
+    rounds: int  # sequential model calls
+    nfe: int  # token positions evaluated per image
+
+
+def guided(logits: Tensor, batch: int, cfg: float) -> Tensor:
+    """LlamaGen's guidance on stacked (cond; uncond) logits; cfg == 1 means one branch was run."""
+    if cfg == 1:
+        return logits
+    cond, uncond = logits[:batch], logits[batch:]
+    return uncond + cfg * (cond - uncond)
+
+
+def draw_tokens(logits: Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> Tensor:
+    """One token per row of logits (..., V): temperature, then top-k / top-p, then a multinomial draw."""
+    probs = top_k_top_p(logits / max(temperature, 1e-5), top_k, top_p).softmax(-1)
+    return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+
+
+@torch.no_grad()
+def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None,
+                  kv_cache: bool = True) -> RasterSample:
+    """Sample images token by token in raster order (labels (B,), < 0: unconditional). `kv_cache=False`
+    re-runs the whole prefix at every token (the uncached baseline)."""
+    c = model.config
+    B, N = labels.shape[0], c.tokens
+    lab = labels if cfg == 1 else torch.cat((labels, torch.full_like(labels, -1)))
+    tokens = labels.new_zeros(B, N)
+    cache = model.new_cache(len(lab), like=model.rope) if kv_cache else None
+    for i in range(N):
+        if kv_cache:
+            h = model.embed(lab if i == 0 else None, tokens[:, i - 1: i].repeat(len(lab) // B, 1) if i else None)
+            logits = model.run(h, i, cache)[:, -1]
+            cache.commit(1)
+        else:
+            logits = model.run(model.embed(lab, tokens[:, :i].repeat(len(lab) // B, 1)))[:, -1]
+        tokens[:, i] = draw_tokens(guided(logits, B, cfg), temperature, top_k, top_p, generator)
+    img = vq.indices_to_img(tokens).add(1).mul(0.5)
+    return RasterSample(img, tokens, labels, rounds=N, nfe=N if kv_cache else N * (N + 1) // 2)

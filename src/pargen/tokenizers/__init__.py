@@ -1,2 +1,2 @@
 """Image tokenizers; importing this package registers them."""
-from . import msvq  # noqa: F401
+from . import msvq, vq  # noqa: F401

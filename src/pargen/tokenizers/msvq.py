@@ -9,14 +9,13 @@ Parameter names follow `models/vqvae.py` / `models/quant.py`, so official VAE st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register_family, register_preset
+from .codebook import VQOutput
 from .conv import Decoder, Encoder
 
 
@@ -155,27 +154,6 @@ class MultiScaleQuantizer(nn.Module):
             return f_hat, F.interpolate(f_hat, size=(pn, pn), mode="area")
         return f_hat + self.phi(si)(h), None
 
-    @torch.no_grad()
-    def restart_dead_codes(self, hits: Tensor, pool: Tensor, pick: Tensor, decay: float = 0.99,
-                           threshold: float = 0.03) -> int:
-        """Dead-code restart, so a small dataset uses its whole codebook: update the usage EMA with this step's
-        hits (K, V) and move every code whose summed usage fell below `threshold` onto a latent vector of the
-        batch (`pool` (N, C), rows chosen by `pick` (>= number of dead codes) indices). Returns the count.
-        Under torchrun, hits are summed over ranks and rank 0's choice is broadcast, so replicas stay equal."""
-        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if dist_on:
-            torch.distributed.all_reduce(hits)
-        self.ema_vocab_hit_SV.mul_(decay).add_(hits, alpha=1 - decay)
-        usage = self.ema_vocab_hit_SV.sum(0)
-        dead = (usage < threshold).nonzero().flatten()
-        if len(dead):
-            self.embedding.weight[dead] = pool[pick[: len(dead)] % len(pool)].to(self.embedding.weight.dtype)
-            self.ema_vocab_hit_SV[:, dead] = self.ema_vocab_hit_SV.mean(1, keepdim=True)  # a fresh start
-        if dist_on:
-            torch.distributed.broadcast(self.embedding.weight.data, 0)
-            torch.distributed.broadcast(self.ema_vocab_hit_SV, 0)
-        return len(dead)
-
     def forward(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training path: (straight-through f_hat, VQ loss, per-scale code hits (K, V))."""
         B, C, H, W = f.shape
@@ -194,13 +172,6 @@ class MultiScaleQuantizer(nn.Module):
             loss = loss + F.mse_loss(f_hat.detach(), f).mul_(self.beta) + F.mse_loss(f_hat, f_no_grad)
         loss = loss / len(self.patch_nums)
         return (f_hat.detach() - f_no_grad) + f, loss, torch.stack(hits)
-
-
-class VQOutput(NamedTuple):
-    rec: Tensor
-    vq_loss: Tensor
-    hits: Tensor  # (K, V) code counts per scale
-    f: Tensor  # encoder latent (B, Cvae, h, w)
 
 
 @register_family("msvq")

@@ -7,9 +7,12 @@ from torch import Tensor
 
 from ..models.classifier import Classifier
 from ..models.denoiser import Denoiser
+from ..models.raster_ar import RasterAR
 from ..models.tarflow import TarFlow
 from ..models.var import VAR
+from ..tokenizers.codebook import restart_dead_codes
 from ..tokenizers.msvq import MSVQVAE
+from ..tokenizers.vq import VQVAE
 from ..rng import SampleRNG
 
 
@@ -61,9 +64,9 @@ def denoiser_loss(model: Denoiser, x: Tensor, y: Tensor | None, rng: SampleRNG, 
     return F.mse_loss(model(ab.sqrt() * x + (1 - ab).sqrt() * eps, t, y), eps)
 
 
-def msvq_loss(model: MSVQVAE, x: Tensor, y: Tensor | None, rng: SampleRNG, restart: bool = True) -> Tensor:
-    """Reconstruction MSE + the multi-scale VQ loss (commitment-weighted, straight-through), with dead-code
-    restart onto latents of the batch chosen by the per-sample streams."""
+def vq_loss(model: MSVQVAE | VQVAE, x: Tensor, y: Tensor | None, rng: SampleRNG, restart: bool = True) -> Tensor:
+    """Reconstruction MSE + the VQ loss (commitment-weighted, straight-through; over all scales for the
+    multi-scale tokenizer), with dead-code restart onto latents of the batch chosen by the per-sample streams."""
     out = model(x)
     net = unwrap(model)
     if restart and net.training:
@@ -72,7 +75,8 @@ def msvq_loss(model: MSVQVAE, x: Tensor, y: Tensor | None, rng: SampleRNG, resta
         V = net.config.vocab_size
         draws = rng.randint(per, -(-V // len(rng))).to(x.device)  # (B, ceil(V / B)): positions per sample
         rows = (torch.arange(len(rng), device=x.device)[:, None] * per + draws).T.reshape(-1)
-        net.quantize.restart_dead_codes(out.hits.detach().clone(), pool, rows)
+        q = net.quantize
+        restart_dead_codes(q.embedding, q.ema_vocab_hit_SV, out.hits.detach().clone(), pool, rows)
     return F.mse_loss(out.rec, x) + out.vq_loss
 
 
@@ -90,5 +94,16 @@ def var_loss(model: VAR, x: Tensor, y: Tensor | None, rng: SampleRNG, tokenizer:
     return net.loss(logits, torch.cat(idx, 1))
 
 
-LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss, "msvq": msvq_loss,
-          "var": var_loss}
+def raster_loss(model: RasterAR, x: Tensor, y: Tensor | None, rng: SampleRNG, tokenizer: VQVAE,
+                label_drop: float = 0.1) -> Tensor:
+    """Next-token cross-entropy in raster order on the frozen tokenizer's tokens, labels dropped to the null
+    class with probability `label_drop` from the per-sample streams."""
+    with torch.no_grad():
+        tokens = tokenizer.img_to_indices(x)
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device) if y is None else y
+    logits = model(drop_labels(y, label_drop, rng), tokens)
+    return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+
+
+LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss, "msvq": vq_loss,
+          "vq": vq_loss, "var": var_loss, "raster": raster_loss}

@@ -1,0 +1,121 @@
+"""Single-scale VQ tokenizer and the raster-order AR model: causality, KV cache = full recomputation, sampling."""
+from functools import partial
+
+import pytest
+import torch
+
+from pargen import registry
+from pargen.samplers import autoregressive as AR
+
+
+@pytest.fixture(scope="module")
+def vq():
+    torch.manual_seed(0)
+    return registry.create("vq-tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(1)
+    m = registry.create("raster-tiny").eval()
+    for p in m.output.parameters():  # the head starts at zero; give the test model non-trivial logits
+        torch.nn.init.normal_(p, std=0.5)
+    return m
+
+
+def test_vq_codes_are_the_nearest_normalised_codes_and_decode(vq):
+    img = torch.rand(3, 1, 16, 16) * 2 - 1
+    idx = vq.img_to_indices(img)
+    assert idx.shape == (3, 16) and idx.dtype == torch.long  # 16px / 4 = 4x4 grid
+    f = vq.encode(img).permute(0, 2, 3, 1).reshape(-1, 4)
+    cos = f @ torch.nn.functional.normalize(vq.quantize.embedding.weight, dim=1).T
+    assert torch.equal(idx.flatten(), cos.argmax(1))
+    out = vq(img)
+    assert out.rec.shape == img.shape and out.hits.shape == (1, 64) and out.hits.sum() == 48
+    zq = vq.quantize.lookup(idx, 4, 4)
+    assert torch.allclose(zq.norm(dim=1), torch.ones(3, 4, 4), atol=1e-5)
+    assert vq.indices_to_img(idx).shape == img.shape
+
+
+def test_vq_training_lowers_the_loss_with_dead_code_restart():
+    from pargen import data
+    from pargen.training.loop import TrainConfig, train
+    from pargen.training.losses import vq_loss
+
+    ds = data.load("digits", "train", 16)
+    torch.manual_seed(0)
+    res = train(registry.create("vq-tiny"), ds, partial(vq_loss, restart=True),
+                TrainConfig(steps=30, batch_size=16, lr=2e-3, warmup=5, ema=0.0), progress=False)
+    assert sum(res.losses[-5:]) < 0.8 * sum(res.losses[:5])
+    with torch.no_grad():
+        used = res.model.eval().img_to_indices(ds.float(slice(0, 256))).unique().numel()
+    assert used > 32, used  # more than half of the 64 codes
+
+
+def test_class_token_is_not_rotated_and_rope_is_a_rotation(model):
+    rope = model.rope
+    assert rope.shape == (17, 8, 2)  # class token + 4x4 grid; head_dim 32 / 2 heads = 16: 8 pairs
+    assert torch.equal(rope[0, :, 0], torch.ones(8)) and torch.equal(rope[0, :, 1], torch.zeros(8))
+    assert torch.equal(rope[1:5, :4, 0], torch.ones(4, 4))  # grid row 0: the row pairs do not rotate
+    assert torch.equal(rope[1:17:4, 4:, 0], torch.ones(4, 4))  # grid column 0: the column pairs do not rotate
+    assert not torch.equal(rope[2, 4:, 0], torch.ones(4))
+    x = torch.randn(2, 2, 17, 16)
+    from pargen.models.raster_ar import apply_rope
+    assert torch.allclose(apply_rope(x, rope).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_logits_are_causal(model):
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(64, (2, 16), generator=g)
+    lab = torch.tensor([3, -1])
+    base = model(lab, tok)
+    assert base.shape == (2, 16, 64)
+    tok2 = tok.clone()
+    tok2[:, 7] = (tok[:, 7] + 1) % 64
+    out = model(lab, tok2)
+    # logits at position i read tokens < i: changing token 7 changes positions 8.. only
+    assert torch.allclose(out[:, :8], base[:, :8], atol=1e-6)
+    assert (out[:, 8:] - base[:, 8:]).abs().amax() > 1e-4
+    other = model(torch.tensor([4, 5]), tok)
+    assert (other[:, 0] - base[:, 0]).abs().amax() > 1e-4  # the class token conditions everything
+
+
+def test_kv_cached_windows_match_the_full_forward(model):
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(64, (2, 16), generator=g)
+    lab = torch.tensor([1, 2])
+    full = model(lab, tok)
+    cache = model.new_cache(2, like=full)
+    pieces, pos = [], 0
+    for n in (1, 4, 3, 8):  # class token, then windows of tokens
+        h = model.embed(lab if pos == 0 else None, tok[:, max(pos - 1, 0): pos - 1 + n] if pos else tok[:, :n - 1])
+        pieces.append(model.run(h, pos, cache))
+        cache.commit(n)
+        pos += n
+    assert torch.allclose(torch.cat(pieces, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.5])
+def test_cached_and_uncached_sampling_draw_the_same_tokens(model, vq, cfg):
+    lab = torch.tensor([0, 5, -1])
+    a = AR.sample_raster(model, vq, lab, cfg=cfg, top_k=20, generator=torch.Generator().manual_seed(3))
+    b = AR.sample_raster(model, vq, lab, cfg=cfg, top_k=20, generator=torch.Generator().manual_seed(3),
+                         kv_cache=False)
+    assert torch.equal(a.tokens, b.tokens) and a.rounds == 16 and a.nfe == 16 and b.nfe == 16 * 17 // 2
+    assert a.img.shape == (3, 1, 16, 16) and 0 <= a.img.min() and a.img.max() <= 1
+    c = AR.sample_raster(model, vq, lab, cfg=cfg, top_k=20, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+def test_raster_training_lowers_the_loss():
+    from pargen import data
+    from pargen.training.loop import TrainConfig, train
+    from pargen.training.losses import raster_loss
+
+    ds = data.load("digits", "train", 16)
+    torch.manual_seed(0)
+    tok = registry.create("vq-tiny").eval().requires_grad_(False)
+    res = train(registry.create("raster-tiny"), ds, partial(raster_loss, tokenizer=tok),
+                TrainConfig(steps=25, batch_size=16, lr=3e-3, warmup=3, ema=0.0), progress=False)
+    assert res.losses[0] == pytest.approx(torch.log(torch.tensor(64.0)).item(), rel=1e-3)  # zero head: uniform
+    assert sum(res.losses[-5:]) < 0.9 * sum(res.losses[:5])
