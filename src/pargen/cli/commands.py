@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import functools
 import shlex
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +53,12 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         v.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
         v.add_argument("--top-p", type=nonneg_float, default=0.0, help="nucleus sampling mass (0: off)")
         v.add_argument("--temperature", type=nonneg_float, default=None, help="raster AR sampling temperature")
+        v.add_argument("--lowrank-layers", default=None, metavar="all|0,2,..",
+                       help="VAR: polynomial (low-rank) attention with a running state in these layers "
+                            "(see `pargen analyze var`)")
+        v.add_argument("--lowrank-degree", type=positive_int, default=2, help="polynomial degree (even keeps it "
+                                                                                "positive)")
+        v.add_argument("--lowrank-kind", choices=["taylor", "chebyshev"], default="taylor")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid",
                        description="Sample images. Seeds are per image (seed, seed+1, ...), so an image does not "
@@ -81,7 +88,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        description="Runs the baseline and the fast samplers in one process on the same model and "
                                    "noise (warm-up, then --repeats timed runs) and reports rounds, model evaluations, "
                                    "wall medians, speed-up and error against the baseline.")
-    b.add_argument("family", choices=["tarflow", "diffusion", "var"], help="model family")
+    b.add_argument("family", choices=["tarflow", "diffusion", "var", "lowrank"],
+                   help="model family; lowrank: exact vs polynomial attention for VAR (scaling over synthetic "
+                        "pyramids, then error and FID on the bundled capped-scale model)")
     b.add_argument("--checkpoint", default=None, help="default: the bundled model of the family")
     b.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16])
     b.add_argument("--repeats", type=positive_int, default=5)
@@ -100,7 +109,30 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     g.add_argument("--block", type=positive_int, default=None)
     g.add_argument("--sweeps", type=positive_int, default=None)
     g.add_argument("--anderson", type=int, default=None)
+    g = b.add_argument_group("lowrank")
+    g.add_argument("--sides", type=positive_int, nargs="+", default=[8, 12, 16, 24, 32, 48, 64, 96],
+                   help="final token-map sides n of the synthetic VAR pyramids")
+    g.add_argument("--fit-from", type=positive_int, default=24, help="fit exponents on sides >= this")
+    g.add_argument("--head-dim", type=positive_int, default=64, help="head dimension of the timing runs")
+    g.add_argument("--degree", type=positive_int, default=2)
+    g.add_argument("--kind", choices=["taylor", "chebyshev"], default="taylor")
+    g.add_argument("--plot", default=None, help="log-log plot of the measured costs (PNG)")
     b.add_argument("--json", default=None, help="write the records here")
+
+    a = sub.add_parser("analyze", help="check the low-rank attention criterion of a VAR model, layer by layer",
+                       description="Teacher-forces test images through the model and reports, per layer and "
+                                   "head, the logit bound (the learned head scale under l2-normalised attention), "
+                                   "the largest entries of Q and K against sqrt(log n), each polynomial's "
+                                   "worst-case per-entry error on that interval and the measured attention-output "
+                                   "error, then recommends the layers that can use low-rank attention.")
+    a.add_argument("family", choices=["var"])
+    a.add_argument("checkpoint")
+    a.add_argument("--data", default=None, help="images to teacher-force (default: the checkpoint's dataset)")
+    a.add_argument("--n", type=positive_int, default=64, help="number of test images")
+    a.add_argument("--degrees", type=positive_int, nargs="+", default=[1, 2, 3])
+    a.add_argument("--kinds", nargs="+", choices=["taylor", "chebyshev"], default=["taylor", "chebyshev"])
+    a.add_argument("--max-err", type=nonneg_float, default=0.01, help="attention-output error allowed per layer")
+    a.add_argument("--json", default=None, help="write the report here")
 
     c = sub.add_parser("calibrate", help="choose per-block GS-Jacobi plans automatically (TarFlow)",
                        description="Computes CRM / IGM per block on training images, then times every candidate "
@@ -135,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from . import demo
 
     table = {"train": cmd_train, "list": cmd_list, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
-             "calibrate": cmd_calibrate, "convert": cmd_convert, "demo": demo.cmd_demo}
+             "calibrate": cmd_calibrate, "convert": cmd_convert, "demo": demo.cmd_demo, "analyze": cmd_analyze}
     return table[args.cmd](args)
 
 
@@ -169,6 +201,7 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
 
         tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
         cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
+        lowrank = _set_lowrank(model, args)
         imgs, runs = [], []
         for s, lab in zip(tqdm(seeds, disable=not progress or len(seeds) < 64, desc="sample"), y):
             # one image per call with its own generator: an image depends only on its seed and label
@@ -179,7 +212,7 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
             runs.append(argparse.Namespace(rounds=r.rounds, nfe=model.config.L))
         x = torch.cat(imgs)
         desc = f"VAR next-scale, {len(model.config.patch_nums)} scales, cfg {cfg:g}, top-k {args.top_k}, " \
-               f"top-p {args.top_p:g}"
+               f"top-p {args.top_p:g}{lowrank}"
         unit = "token"
     elif meta["family"] == "raster":
         from ..samplers import autoregressive as AR
@@ -205,6 +238,53 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
     rounds = sum(r.rounds for r in runs) / len(runs)
     nfe = sum(r.nfe for r in runs) / len(runs)
     return x, desc, f"{rounds:.0f} sequential model calls per batch, {nfe:.0f} {unit} evaluations per image"
+
+
+def _set_lowrank(model, args) -> str:
+    """Apply --lowrank-layers/--lowrank-degree/--lowrank-kind to a VAR model; a description for the log."""
+    from ..nn.lowrank import PolySpec
+    from .lowrank import parse_layers
+
+    if getattr(args, "lowrank_layers", None) is None:
+        return ""
+    try:
+        layers = parse_layers(args.lowrank_layers, model.config.depth)
+        spec = PolySpec(args.lowrank_degree, args.lowrank_kind)
+        model.set_lowrank(layers, spec)
+    except ValueError as e:
+        raise PargenError(str(e)) from None
+    return f", low-rank {spec.kind} degree {spec.degree} (rank {spec.rank(model.config.C // model.config.H)}) " \
+           f"in layers {model.lowrank_layers()}"
+
+
+def cmd_analyze(args) -> int:
+    from ..nn.lowrank import PolySpec
+    from . import lowrank as lr
+
+    model, meta, path = _load(args.checkpoint, args.device)
+    if meta["family"] != "var":
+        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a VAR model")
+    model.eval()
+    tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
+    ds = data.load(args.data or meta.get("data") or "mnist", "test", meta.get("size"))
+    x = ds.float(slice(0, args.n)).to(args.device)
+    y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(args.device)
+    with torch.no_grad():
+        idx = tok.img_to_indices(x)
+        inputs = tok.quantize.teacher_forcing_input(idx)
+    specs = [PolySpec(g, k) for k in args.kinds for g in args.degrees]
+    hd = model.config.C // model.config.H
+    too_big = [s for s in specs if s.rank(hd) > 20_000]
+    if too_big:
+        raise PargenError(f"degree {too_big[0].degree} on head dimension {hd} means rank {too_big[0].rank(hd):,}; "
+                          "pick lower --degrees")
+    print(f"analyze {path.name}: {len(x)} test images of {ds.name}, head dimension {hd}")
+    rep = lr.analyze(model, y, inputs, torch.cat(idx, 1), specs, args.max_err)
+    lr.print_analysis(rep)
+    if args.json:
+        write_json(rep, args.json)
+        print(f"report written to {args.json}")
+    return 0
 
 
 def cmd_sample(args) -> int:
@@ -274,6 +354,8 @@ def cmd_bench(args) -> int:
         return _bench_diffusion(args)
     if args.family == "var":
         return _bench_var(args)
+    if args.family == "lowrank":
+        return _bench_lowrank(args)
     model, meta, path = _load(args.checkpoint or f"{args.family}-mnist", args.device)
     guidance = tf.default_guidance(meta, args.cfg, None, None)
     print(f"bench {args.family}: {path.name}, batches {args.batch}, {args.repeats} repeats, "
@@ -419,6 +501,81 @@ def _bench_var(args) -> int:
     return _report(records, args.json)
 
 
+def _bench_lowrank(args) -> int:
+    """Exact vs polynomial attention: scaling over synthetic VAR pyramids, then the bundled capped model."""
+    from ..evaluation import metrics
+    from ..nn.lowrank import PolySpec
+    from ..samplers import autoregressive as AR
+    from . import lowrank as lr
+
+    spec = PolySpec(args.degree, args.kind)
+    print(f"bench lowrank: {spec.kind} degree {spec.degree}, head dim {args.head_dim} (rank "
+          f"{spec.rank(args.head_dim)}), sides {args.sides}, {args.repeats} repeats, {torch.get_num_threads()} threads")
+    try:
+        res = lr.scaling(args.sides, args.head_dim, spec, args.repeats, args.fit_from)
+    except ValueError as e:
+        raise PargenError(str(e)) from None
+    print(f"fitted exponents of n (sides >= {args.fit_from}): exact {res['exponent_exact_s']:.2f} (FLOPs "
+          f"{res['exponent_exact_flops']:.2f}), low-rank {res['exponent_lowrank_s']:.2f} (FLOPs "
+          f"{res['exponent_lowrank_flops']:.2f})")
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    print(f"crossover n: measured {fmt(res['crossover_n_measured'])}, from the fitted lines "
+          f"{fmt(res['crossover_n_fit'])}, FLOP model {fmt(res['crossover_n_flops'])}")
+    last = res["rows"][-1]
+    print(f"memory per head at n={last['n']}: KV cache {last['kv_cache_bytes'] / 2**20:.2f} MiB, running state "
+          f"{last['state_bytes'] / 2**20:.2f} MiB")
+    if args.plot:
+        lr.plot_scaling(res, args.plot)
+        print(f"plot written to {args.plot}")
+    name = args.checkpoint or "var-mnist-lowrank"
+    model, meta, path = _load(name, args.device)
+    if meta["family"] != "var":
+        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a VAR model")
+    model.eval()
+    c = model.config
+    tok = _tokenizer_for(meta.get("tokenizer"), c, args.device)
+    ds = data.load(meta.get("data") or "mnist", "test", meta.get("size"))
+    x, y = ds.float(slice(0, 64)), ds.labels[:64]
+    with torch.no_grad():
+        idx = tok.img_to_indices(x)
+        rep = lr.analyze(model, y, tok.quantize.teacher_forcing_input(idx), torch.cat(idx, 1), [spec], 1.0)
+    key = f"{spec.kind}{spec.degree}"
+    errs = [max(r["errors"][key]["measured"]) for r in rep["layers"]]
+    hd = c.C // c.H
+    res["model"] = {"checkpoint": path.name, "head_scale_cap": c.attn_scale_cap,
+                    "max_logit_bound": max(max(r["logit_bound"]) for r in rep["layers"]),
+                    "attn_output_rel_err_per_layer": errs, "loss_exact": rep["loss_exact"],
+                    "loss_lowrank": rep["loss_lowrank"],
+                    "kv_cache_bytes_per_image": 2 * 2 * c.depth * c.L * c.C * 4,
+                    "state_bytes_per_image": 2 * c.depth * c.H * (spec.rank(hd) * hd + spec.rank(hd)) * 4}
+    m = res["model"]
+    print(f"{path.name}: head scales capped at {c.attn_scale_cap:g} (max logit bound {m['max_logit_bound']:.2f}); "
+          f"attention-output error per layer {', '.join(f'{e:.1e}' for e in errs)}; teacher-forced loss exact "
+          f"{m['loss_exact']:.4f}, low-rank {m['loss_lowrank']:.4f}")
+    if args.fid:
+        clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
+        real = data.load("mnist", "test").float()
+        feats = metrics.classifier_features(clf)
+        cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
+        labels = labels_for(model, list(range(args.seed, args.seed + args.fid)), None)
+        for mode in ("exact", "lowrank"):
+            model.set_lowrank(None, spec if mode == "lowrank" else None)
+            fake, t0 = [], time.perf_counter()
+            for i in tqdm(range(0, args.fid, 50), desc=f"FID {mode}"):
+                g = torch.Generator().manual_seed(args.seed + i)
+                fake.append(AR.sample(model, tok, labels[i: i + 50], cfg=cfg, generator=g).img.mul(2).sub(1))
+            m[f"sample_s_{mode}"] = time.perf_counter() - t0
+            m[f"fid_{mode}"] = metrics.scores(real, torch.cat(fake), feats)["fid"]
+        model.set_lowrank(None, None)
+        m["fid_n"], m["fid_increase"] = args.fid, m["fid_lowrank"] / m["fid_exact"] - 1
+        print(f"FID of {args.fid} samples (cfg {cfg:g}): exact {m['fid_exact']:.2f}, low-rank {m['fid_lowrank']:.2f} "
+              f"({100 * m['fid_increase']:+.1f}%)")
+    if args.json:
+        write_json(res, args.json)
+        print(f"records written to {args.json}")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from . import tarflow as tf
 
@@ -500,9 +657,16 @@ def cmd_train(args) -> int:
                        schedule=args.schedule, ema=args.ema, seed=args.seed, ckpt_every=args.ckpt_every)
     torch.manual_seed(args.seed)  # initial weights (the CLI owns global state; the library never seeds)
     model = registry.build(family, cfg).to(args.device)
+    if args.init:
+        src, src_meta = checkpoint.load(checkpoint.resolve(args.init))
+        if src_meta["family"] != family:
+            raise PargenError(f"--init {args.init} is a {src_meta['family']} checkpoint, not {family}")
+        checkpoint.load_state(model, src.state_dict(), f"--init {args.init}")
     nparams = sum(p.numel() for p in model.parameters())
     print(f"training {args.model} ({family}, {nparams / 1e6:.2f}M parameters) on {ds.name} ({len(ds)} images)")
     meta = {"preset": args.model, "data": args.data, "size": args.size, "params": nparams}
+    if args.init:
+        meta["init"] = args.init
     loss_fn = LOSSES[family]
     if family in ("var", "raster"):
         loss_fn = functools.partial(loss_fn, tokenizer=_tokenizer_for(args.tokenizer, cfg, args.device))

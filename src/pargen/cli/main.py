@@ -60,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ckpt-every", type=_positive_int, default=500)
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model config fields")
     t.add_argument("--resume", action="store_true", help="continue from --out's training state")
+    t.add_argument("--init", default=None, metavar="CKPT",
+                   help="fine-tune: start from these weights (same family and shapes; --set may change "
+                        "non-shape fields, e.g. attn_scale_cap=2)")
     t.add_argument("--export-fp16", default=None, metavar="PATH", help="also write fp16 weights here at the end")
     t.add_argument("--eval", action="store_true", help="report test accuracy / bits per dim at the end")
-    t.add_argument("--tokenizer", default=None, metavar="CKPT", help="token models: the frozen tokenizer to train on (VAR: msvq, raster AR: vq)")
+    t.add_argument("--tokenizer", default=None, metavar="CKPT",
+                   help="token models: the frozen tokenizer to train on (VAR: msvq, raster AR: vq)")
 
     sub.add_parser("list", help="list model presets, datasets and bundled checkpoints")
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.attention import KVCache, attend
+from ..nn.lowrank import PolySpec, PolyState, poly_attention
 from ..registry import register_family, register_preset
 
 
@@ -36,6 +37,7 @@ class VARConfig:
     norm_eps: float = 1e-6
     cond_drop_rate: float = 0.1
     drop_path_rate: float = 0.0
+    attn_scale_cap: float = 100.0  # the head scales s_h are clamped to this (the reference: 100)
 
     @property
     def C(self) -> int:
@@ -58,13 +60,15 @@ class VARConfig:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, C: int, H: int, l2_norm: bool):
+    def __init__(self, C: int, H: int, l2_norm: bool, scale_cap: float = 100.0):
         super().__init__()
         self.heads, self.head_dim, self.l2_norm = H, C // H, l2_norm
+        self.poly: PolySpec | None = None  # low-rank attention (set by VAR.set_lowrank)
+        self.blocks: list[int] = []  # token count of each scale (the block-causal structure)
         if l2_norm:
             self.scale = 1.0
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
-            self.max_scale_mul = math.log(100)
+            self.max_scale_mul = math.log(scale_cap)
         else:
             self.scale = 0.25 / math.sqrt(self.head_dim)
         self.mat_qkv = nn.Linear(C, 3 * C, bias=False)
@@ -72,19 +76,45 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(C))
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention inputs (B, H, L, Dh) each; logits are self.scale * q.k (q carries s_h when l2-normed)."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim).permute(
-            2, 0, 3, 1, 4).unbind(0)  # (B, H, L, Dh) each
+            2, 0, 3, 1, 4).unbind(0)
         if self.l2_norm:
-            q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp())
+            q = F.normalize(q, dim=-1).mul(self.head_scales().view(1, -1, 1, 1))
             k = F.normalize(k, dim=-1)
-        if cache is not None:  # one scale sees itself and every cached (coarser) scale: no mask
+        return q, k, v
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, L, C = x.shape
+        q, k, v = self.qkv(x)
+        if self.poly is not None:  # running state while sampling, block-wise cumulative sums under the mask
+            if cache is not None:
+                o = cache.poly.setdefault(layer, PolyState(self.poly, self.scale)).attend(q, k, v)
+            else:
+                o = poly_attention(q, k, v, self.scale, self.poly, None if mask is None else self._blocks(L))
+        elif cache is not None:  # one scale sees itself and every cached (coarser) scale: no mask
             o = attend(q, k, v, cache, layer, scale=self.scale, causal=False)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
+
+    def head_scales(self) -> Tensor:
+        """s_h (H,): the logit bound of each head under l2-normalised attention."""
+        return self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp().flatten()
+
+    def _blocks(self, n: int) -> list[int]:
+        out, cur = [], 0
+        for b in self.blocks:
+            if cur >= n:
+                break
+            out.append(b)
+            cur += b
+        if cur != n:
+            raise ValueError(f"{n} tokens do not end at a scale boundary")
+        return out
 
 
 class FFN(nn.Module):
@@ -113,7 +143,7 @@ class AdaLNSelfAttn(nn.Module):
         super().__init__()
         C = cfg.C
         self.C, self.shared = C, cfg.shared_aln
-        self.attn = SelfAttention(C, cfg.H, cfg.attn_l2_norm)
+        self.attn = SelfAttention(C, cfg.H, cfg.attn_l2_norm, cfg.attn_scale_cap)
         self.ffn = FFN(C, round(C * cfg.mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(C, eps=cfg.norm_eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path)
@@ -193,6 +223,20 @@ class VAR(nn.Module):
                 w[2 * C:].mul_(init_adaln)
                 w[:2 * C].mul_(init_adaln_gamma)
                 b.ada_lin[-1].bias.zero_()
+
+    def set_lowrank(self, layers: list[int] | None, spec: PolySpec | None) -> None:
+        """Use polynomial (low-rank) attention of `spec` in `layers` (None: every layer) and exact attention in
+        the others; `spec=None` makes every layer exact again. Applies to sampling and teacher forcing."""
+        depth = self.config.depth
+        chosen = set(range(depth) if layers is None else layers)
+        if not chosen <= set(range(depth)):
+            raise ValueError(f"layers {sorted(chosen)} out of range for depth {depth}")
+        for i, b in enumerate(self.blocks):
+            b.attn.poly = spec if (spec is not None and i in chosen) else None
+            b.attn.blocks = [p * p for p in self.config.patch_nums]
+
+    def lowrank_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.attn.poly is not None]
 
     def condition(self, label: Tensor) -> tuple[Tensor, Tensor]:
         """(start-token embedding (B, C), AdaLN condition for the blocks) of labels (num_classes = no class)."""

@@ -1,12 +1,14 @@
 """Exact multi-head attention with an explicit, preallocated KV cache.
 
-The cache is a value the sampler holds (no module state): keys/values for positions [0, length) are committed;
+The cache is a value the sampler holds (no module state; layers with low-rank attention keep their running state
+in `poly` instead): keys/values for positions [0, length) are committed;
 a call on n new tokens writes their keys/values at [length, length + n) and attends over [0, length + n), and
 `commit(m)` keeps the first m of them. Writing in place avoids the O(T^2) copying of `torch.cat` caches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ class KVCache:
     k: Tensor  # (layers, B, H, T, Dh)
     v: Tensor  # (layers, B, H, T, Dh)
     length: int = 0
+    poly: dict[int, Any] = field(default_factory=dict)  # layer -> running low-rank state (nn/lowrank.py)
 
     @classmethod
     def empty(cls, layers: int, batch: int, heads: int, max_len: int, head_dim: int, like: Tensor) -> "KVCache":
