@@ -87,16 +87,18 @@ def test_train_tokenizer_then_var_on_it(tmp_path):
                  "--out", str(vq)]) == 0
     assert main(["train", "raster-mnist", "--data", "digits", "--size", "32", "--steps", "2", "--batch-size", "4",
                  "--tokenizer", str(vq), "--out", str(raster)]) == 0
-    assert main(["sample", str(raster), "--n", "2", "--out", str(tmp_path / "r.png"), "--cfg", "2"]) == 0
+    assert main(["sample", str(raster), "--n", "2", "--out", str(tmp_path / "r.png"), "--cfg", "2",
+                 "--method", "jacobi", "--window", "8"]) == 0
     js = tmp_path / "bench.json"
     assert main(["bench", "var", "--checkpoint", str(var), "--raster", str(raster), "--batch", "2", "--repeats", "1",
                  "--json", str(js)]) == 0
     recs = json.loads(js.read_text())
-    assert [r["method"] for r in recs] == ["no-kv-cache", "kv-cache", "raster-ar", "var-kv-cache"]
+    assert [r["method"] for r in recs] == ["no-kv-cache", "kv-cache", "raster-ar", "raster-ar-jacobi", "var-kv-cache"]
     assert recs[1]["nfe"] == 130 and recs[0]["nfe"] == 1 + 5 + 14 + 30 + 66 + 130 and recs[1]["rounds"] == 6
     assert recs[1]["max_abs_err"] < 1e-4 and recs[1]["kv_cache_mib"] > 0  # same tokens with or without cache
     assert len(recs[1]["scale_ms"]) == 6 and recs[2]["rounds"] == recs[2]["nfe"] == 64
-    assert recs[3]["max_abs_err"] is None and recs[3]["speedup"] > 0  # another model: a ratio, no error
+    assert recs[3]["max_abs_err"] == 0 and recs[3]["rounds"] <= 64  # Jacobi decoding: the same tokens
+    assert recs[4]["max_abs_err"] is None and recs[4]["speedup"] > 0  # another model: a ratio, no error
     r = run_cli("train", "raster-mnist", "--data", "digits", "--size", "32", "--out", str(tmp_path / "x"),
                 "--tokenizer", str(tok))
     assert r.returncode == 2 and "needs a vq tokenizer" in r.stderr
@@ -139,3 +141,27 @@ def test_eval_on_a_folder_of_images(tmp_path):
     assert main(["eval", f"folder:{tmp_path / 'imgs'}", "--data", "digits", "--n", "12", "--json", str(out)]) == 0
     scores = json.loads(out.read_text())
     assert scores["n"] == 12 and scores["classifier_fid"] >= 0 and 1 <= scores["classifier_is"] <= 10
+
+
+def test_lowrank_analyze_bench_and_sampling_on_the_bundled_var(tmp_path, capsys):
+    rep = tmp_path / "an.json"
+    assert main(["analyze", "var", "var-mnist", "--n", "4", "--degrees", "1", "2", "--max-err", "10",
+                 "--json", str(rep)]) == 0
+    r = json.loads(rep.read_text())
+    assert len(r["layers"]) == 4 and len(r["layers"][0]["logit_bound"]) == 4
+    assert r["recommended_layers"] == [0, 1, 2, 3]  # everything passes a loose error budget
+    assert r["layers"][0]["errors"]["taylor2"]["rank"] == 561  # C(32 + 2, 2) on head dimension 32
+    js = tmp_path / "lr.json"
+    assert main(["bench", "lowrank", "--checkpoint", "var-mnist", "--sides", "4", "8", "12", "--fit-from", "4",
+                 "--head-dim", "8", "--repeats", "1", "--json", str(js), "--plot", str(tmp_path / "p.png")]) == 0
+    res = json.loads(js.read_text())
+    assert [row["n"] for row in res["rows"]] == [4, 8, 12] and res["rank"] == 45
+    assert res["exponent_exact_flops"] > res["exponent_lowrank_flops"] and (tmp_path / "p.png").exists()
+    assert res["model"]["attn_output_rel_err_per_layer"] and res["model"]["state_bytes_per_image"] > 0
+    grid = tmp_path / "g.png"
+    assert main(["sample", "var-mnist", "--n", "2", "--out", str(grid), "--lowrank-layers", "0,3"]) == 0
+    assert "low-rank taylor degree 2 (rank 561) in layers [0, 3]" in capsys.readouterr().out
+    r = run_cli("sample", "var-mnist", "--n", "1", "--out", str(grid), "--lowrank-layers", "7")
+    assert r.returncode == 2 and "out of range" in r.stderr
+    r = run_cli("analyze", "var", "var-mnist", "--degrees", "9")
+    assert r.returncode == 2 and "pick lower --degrees" in r.stderr

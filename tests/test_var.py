@@ -253,3 +253,20 @@ def test_vq_training_restarts_dead_codes_and_uses_more_of_the_codebook():
             idx = res.model.eval().img_to_indices(ds.float(slice(0, 256)))
         used[restart] = len(torch.cat([i.flatten() for i in idx]).unique())
     assert used[True] > 1.5 * used[False], used  # measured 82 vs 47 of 128 codes
+
+
+def test_convert_official_var_and_vae_then_sample(tmp_path, var_oracle):
+    from pargen import checkpoint
+    from pargen.cli.main import main
+
+    torch.save(var_oracle["var_state_dict"], tmp_path / "var.pth")
+    torch.save(var_oracle["vae_state_dict"], tmp_path / "vae.pth")
+    out = tmp_path / "conv" / "var-tiny"
+    assert main(["convert", "var", str(tmp_path / "var.pth"), "--vae", str(tmp_path / "vae.pth"),
+                 "--out", str(out)]) == 0
+    var, meta = checkpoint.load(out)
+    tok, tmeta = checkpoint.load(meta["tokenizer"])
+    assert meta["family"] == "var" and tmeta["family"] == "msvq" and tok.config.patch_nums == var.config.patch_nums
+    assert torch.equal(var.head.weight, var_oracle["var_state_dict"]["head.weight"])
+    assert main(["sample", str(out), "--n", "2", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["convert", "var", str(tmp_path / "var.pth"), "--out", str(out)]) == 2  # --vae is required

@@ -5,7 +5,8 @@
   token draw and, if smooth, the Gumbel noise), so a seeded generator reproduces FoundationVision/VAR's
   `autoregressive_infer_cfg` token for token.
 - Raster-order next-token sampling (`sample_raster`) for `RasterAR`, LlamaGen's guidance
-  (uncond + s (cond - uncond)), temperature, top-k / top-p: one model call per token.
+  (uncond + s (cond - uncond)), temperature, top-k / top-p, Gumbel-max draws from noise fixed up front, so
+  sequential decoding (one call per token) and Jacobi decoding on the fixed-point engine give the same tokens.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from ..models.var import VAR
 from ..nn.attention import KVCache
 from ..tokenizers.msvq import MSVQVAE
 from ..tokenizers.vq import VQVAE
+from . import fixed_point
+from .fixed_point import FixedPointResult
 
 
 def top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
@@ -149,7 +152,12 @@ class RasterSample:
     tokens: Tensor  # (B, N) raster order
     labels: Tensor
     rounds: int  # sequential model calls
-    nfe: int  # token positions evaluated per image
+    nfe: int  # token positions evaluated per image, summed over calls
+    result: FixedPointResult | None = None  # the engine's record (iterations, residuals)
+
+    @property
+    def tokens_per_call(self) -> float:
+        return self.tokens.shape[1] / self.rounds
 
 
 def guided(logits: Tensor, batch: int, cfg: float) -> Tensor:
@@ -160,31 +168,67 @@ def guided(logits: Tensor, batch: int, cfg: float) -> Tensor:
     return uncond + cfg * (cond - uncond)
 
 
-def draw_tokens(logits: Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> Tensor:
-    """One token per row of logits (..., V): temperature, then top-k / top-p, then a multinomial draw."""
-    probs = top_k_top_p(logits / max(temperature, 1e-5), top_k, top_p).softmax(-1)
-    return torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
+def gumbel_noise(batch: int, tokens: int, vocab: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """Per-position Gumbel noise (B, N, V), drawn once before sampling."""
+    u = torch.empty(batch, tokens, vocab, device=device).exponential_(generator=generator)
+    return -u.log()
+
+
+def pick(logits: Tensor, noise: Tensor | None, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """The token at each position: Gumbel-max, argmax(masked logits / T + g), an exact draw from
+    softmax(masked logits / T); greedy argmax when T == 0 (noise unused)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return (top_k_top_p(logits / temperature, top_k, top_p) + noise).argmax(-1)
+
+
+class RasterOperator:
+    """Token i = pick(logits_i(class, tokens < i), g_i) as a causal operator for the fixed-point engine: with the
+    noise drawn up front, sampling is a deterministic triangular system, so sequential decoding is `window=1` and
+    Jacobi decoding reproduces it token for token. The KV cache holds the committed input positions (position 0 is
+    the class token, position p >= 1 reads token p - 1)."""
+
+    def __init__(self, model: RasterAR, labels: Tensor, cfg: float, temperature: float, top_k: int, top_p: float,
+                 noise: Tensor | None):
+        self.model, self.B, self.cfg = model, labels.shape[0], cfg
+        self.draw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.lab = labels if cfg == 1 else torch.cat((labels, torch.full_like(labels, -1)))
+        self.noise = noise
+        self.cache = model.new_cache(len(self.lab), like=model.rope)
+
+    def __call__(self, x: Tensor, start: int, stop: int, need: Tensor | None = None) -> Tensor:
+        toks = x[:, max(start - 1, 0): stop - 1].repeat(len(self.lab) // self.B, 1)
+        h = self.model.embed(self.lab if start == 0 else None, toks)
+        logits = guided(self.model.run(h, start, self.cache), self.B, self.cfg)
+        return pick(logits, None if self.noise is None else self.noise[:, start:stop], **self.draw)
+
+    def commit(self, x: Tensor, stop: int) -> None:
+        self.cache.commit(stop - self.cache.length)
 
 
 @torch.no_grad()
 def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None,
-                  kv_cache: bool = True) -> RasterSample:
-    """Sample images token by token in raster order (labels (B,), < 0: unconditional). `kv_cache=False`
-    re-runs the whole prefix at every token (the uncached baseline)."""
+                  noise: Tensor | None = None, method: str = "sequential", window: int | None = None,
+                  max_iters: int | None = None) -> RasterSample:
+    """Sample images token by token in raster order (labels (B,), < 0: unconditional) with LlamaGen's guidance.
+    Random numbers: Gumbel noise (B, N, V) drawn up front from `generator` (or given as `noise`).
+    method: `sequential` (one token per call, KV cache) or `jacobi` (Jacobi decoding on the fixed-point engine:
+    every pass re-predicts a window of tokens from the current guess; same tokens as sequential, fewer calls
+    when guesses survive); `window` bounds the tokens per Jacobi pass."""
     c = model.config
     B, N = labels.shape[0], c.tokens
-    lab = labels if cfg == 1 else torch.cat((labels, torch.full_like(labels, -1)))
-    tokens = labels.new_zeros(B, N)
-    cache = model.new_cache(len(lab), like=model.rope) if kv_cache else None
-    for i in range(N):
-        if kv_cache:
-            h = model.embed(lab if i == 0 else None, tokens[:, i - 1: i].repeat(len(lab) // B, 1) if i else None)
-            logits = model.run(h, i, cache)[:, -1]
-            cache.commit(1)
-        else:
-            logits = model.run(model.embed(lab, tokens[:, :i].repeat(len(lab) // B, 1)))[:, -1]
-        tokens[:, i] = draw_tokens(guided(logits, B, cfg), temperature, top_k, top_p, generator)
-    img = vq.indices_to_img(tokens).add(1).mul(0.5)
-    return RasterSample(img, tokens, labels, rounds=N, nfe=N if kv_cache else N * (N + 1) // 2)
+    if noise is None and temperature > 0:
+        noise = gumbel_noise(B, N, c.vocab_size, generator, labels.device)
+    op = RasterOperator(model, labels, cfg, temperature, top_k, top_p, noise)
+    x0 = labels.new_zeros(B, N)
+    if method == "sequential":
+        res = fixed_point.sequential(op, x0)
+    elif method == "jacobi":
+        # tokens are compared exactly (tol 0); a token guess that changes is not a divergence, so no fallback
+        res = fixed_point.solve(op, x0, window=window, max_iters=max_iters, patience=N + 1)
+    else:
+        raise ValueError(f"method must be 'sequential' or 'jacobi', not {method!r}")
+    img = vq.indices_to_img(res.x).add(1).mul(0.5)
+    return RasterSample(img, res.x, labels, rounds=res.rounds, nfe=res.nfe, result=res)
