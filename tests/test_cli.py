@@ -157,6 +157,10 @@ def test_lowrank_analyze_bench_and_sampling_on_the_bundled_var(tmp_path, capsys)
     res = json.loads(js.read_text())
     assert [row["n"] for row in res["rows"]] == [4, 8, 12] and res["rank"] == 45
     assert res["exponent_exact_flops"] > res["exponent_lowrank_flops"] and (tmp_path / "p.png").exists()
+    last = res["rows"][-1]
+    per = last["per_scale"]
+    assert per[-1]["side"] == 12 and last["tokens"] == sum(q["tokens"] for q in per)
+    assert last["exact_flops"] == sum(q["exact_flops"] for q in per)
     assert res["model"]["attn_output_rel_err_per_layer"] and res["model"]["state_bytes_per_image"] > 0
     grid = tmp_path / "g.png"
     assert main(["sample", "var-mnist", "--n", "2", "--out", str(grid), "--lowrank-layers", "0,3"]) == 0

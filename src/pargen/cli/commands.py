@@ -26,12 +26,14 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        help="sampler. TarFlow: auto (calibrated GS-Jacobi plan), sequential, jacobi, gs-jacobi. "
                             "Diffusion: auto (the checkpoint's tuned parallel setting where it was measured to "
                             "win, i.e. small batches; sequential above), sequential, picard "
-                            "(sliding window), block (block Picard)")
+                            "(sliding window), block (block Picard). Raster AR: sequential (auto), jacobi (Jacobi "
+                            "decoding, the same tokens; --window tokens per pass)")
         q.add_argument("--tol", type=nonneg_float, default=None,
                        help="fixed-point tolerance (TarFlow: relative change; diffusion: relative to each step's "
                             "noise std)")
-        q.add_argument("--cfg", type=nonneg_float, default=None, help="guidance scale (default: the checkpoint's). VAR: (1+s) cond - s uncond, s ramped "
-                            "over the scales; raster AR: uncond + s (cond - uncond), 1 = no guidance")
+        q.add_argument("--cfg", type=nonneg_float, default=None,
+                       help="guidance scale (default: the checkpoint's). VAR: (1+s) cond - s uncond, s ramped over "
+                            "the scales; raster AR: uncond + s (cond - uncond), 1 = no guidance")
         q.add_argument("--batch-size", type=positive_int, default=16)
         t = q.add_argument_group("TarFlow")
         t.add_argument("--segments", type=positive_int, default=None, help="GS-Jacobi segments per block")
@@ -56,8 +58,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         v.add_argument("--lowrank-layers", default=None, metavar="all|0,2,..",
                        help="VAR: polynomial (low-rank) attention with a running state in these layers "
                             "(see `pargen analyze var`)")
-        v.add_argument("--lowrank-degree", type=positive_int, default=2, help="polynomial degree (even keeps it "
-                                                                                "positive)")
+        v.add_argument("--lowrank-degree", type=positive_int, default=2,
+                       help="polynomial degree (an even Taylor degree is positive everywhere)")
         v.add_argument("--lowrank-kind", choices=["taylor", "chebyshev"], default="taylor")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid",

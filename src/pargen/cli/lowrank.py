@@ -119,17 +119,20 @@ def print_analysis(rep: dict[str, Any]) -> None:
               f"{rep['loss_lowrank']:.4f}")
 
 
-def cost_model(n: int, head_dim: int, spec: LR.PolySpec) -> dict[str, float]:
-    """FLOPs and memory of one attention head over a whole KV-cached VAR pass with final side n (float32)."""
-    blocks = [p * p for p in pyramid(n)]
+def cost_model(n: int, head_dim: int, spec: LR.PolySpec) -> dict[str, Any]:
+    """FLOPs and memory of one attention head over a whole KV-cached VAR pass with final side n (float32), in
+    total and per scale."""
     r, d = spec.rank(head_dim), head_dim
-    seen, exact, low = 0, 0.0, 0.0
-    for b in blocks:
+    seen, per = 0, []
+    for p in pyramid(n):
+        b = p * p
         seen += b
-        exact += 4 * b * seen * d  # q k^T and (softmax) v, multiply-adds
-        low += 4 * b * r * d + 2 * b * r * spec.degree  # state update, read, monomials (q and k)
-    return {"tokens": seen, "exact_flops": exact, "lowrank_flops": low, "kv_cache_bytes": 2 * seen * d * 4,
-            "state_bytes": (r * d + r) * 4, "rank": r}
+        per.append({"side": p, "tokens": b, "exact_flops": 4 * b * seen * d,  # q k^T and (softmax) v
+                    "lowrank_flops": 4 * b * r * d + 2 * b * r * spec.degree,  # state update, read, monomials
+                    "kv_cache_bytes": 2 * seen * d * 4, "state_bytes": (r * d + r) * 4})
+    return {"tokens": seen, "exact_flops": sum(q["exact_flops"] for q in per),
+            "lowrank_flops": sum(q["lowrank_flops"] for q in per), "kv_cache_bytes": per[-1]["kv_cache_bytes"],
+            "state_bytes": per[-1]["state_bytes"], "rank": r, "per_scale": per}
 
 
 def _median_time(fn, repeats: int) -> float:
