@@ -169,3 +169,23 @@ def test_lowrank_analyze_bench_and_sampling_on_the_bundled_var(tmp_path, capsys)
     assert r.returncode == 2 and "out of range" in r.stderr
     r = run_cli("analyze", "var", "var-mnist", "--degrees", "9")
     assert r.returncode == 2 and "pick lower --degrees" in r.stderr
+
+
+def test_ctf_train_sample_and_bench_against_the_raster_baseline(tmp_path):
+    vq, raster, ctf = tmp_path / "vq", tmp_path / "raster", tmp_path / "ctf"
+    common = ["--data", "digits", "--size", "32", "--steps", "2", "--batch-size", "4"]
+    assert main(["train", "vq-mnist", *common, "--out", str(vq)]) == 0
+    assert main(["train", "raster-mnist", *common, "--tokenizer", str(vq), "--out", str(raster)]) == 0
+    assert main(["train", "c2f-mnist", *common, "--tokenizer", str(vq), "--out", str(ctf),
+                 "--set", "coarse=16"]) == 0
+    assert main(["sample", str(ctf), "--n", "2", "--out", str(tmp_path / "c.png"), "--aux-temperature", "1.1",
+                 "--no-cluster-mask"]) == 0
+    js = tmp_path / "ctf.json"
+    assert main(["bench", "ctf", "--checkpoint", str(ctf), "--raster", str(raster), "--batch", "2", "--repeats", "1",
+                 "--fid", "50", "--guidance", "1", "2", "--plot", str(tmp_path / "q.png"), "--json", str(js)]) == 0
+    out = json.loads(js.read_text())
+    assert [r["method"] for r in out["speed"]] == ["raster-ar", "raster-ar-jacobi", "ctf", "ctf", "ctf-jacobi"]
+    assert out["speed"][1]["max_abs_err"] == 0 and out["speed"][4]["max_abs_err"] == 0  # Jacobi: same images
+    assert out["speed"][3]["rounds"] == 65 and out["speed"][2]["max_abs_err"] is None
+    assert len(out["quality"]) == 4 and {r["model"] for r in out["quality"]} == {"raster", "ctf"}
+    assert out["best"]["ctf"]["guidance"] in (1, 2) and (tmp_path / "q.png").exists()

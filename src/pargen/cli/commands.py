@@ -51,10 +51,14 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         d.add_argument("--block", type=positive_int, default=None, help="block-Picard block length M")
         d.add_argument("--sweeps", type=positive_int, default=None, help="block-Picard sweeps per block K")
         d.add_argument("--anderson", type=int, default=None, help="Anderson history depth (0: off)")
-        v = q.add_argument_group("VAR and raster AR")
+        v = q.add_argument_group("VAR, raster AR and coarse-to-fine")
         v.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
         v.add_argument("--top-p", type=nonneg_float, default=0.0, help="nucleus sampling mass (0: off)")
-        v.add_argument("--temperature", type=nonneg_float, default=None, help="raster AR sampling temperature")
+        v.add_argument("--temperature", type=nonneg_float, default=None,
+                       help="raster AR / CTF stage-1 sampling temperature (0: greedy)")
+        v.add_argument("--aux-temperature", type=nonneg_float, default=None, help="CTF stage-2 temperature")
+        v.add_argument("--no-cluster-mask", action="store_true",
+                       help="CTF: let stage 2 pick any fine label, not only members of the coarse label's cluster")
         v.add_argument("--lowrank-layers", default=None, metavar="all|0,2,..",
                        help="VAR: polynomial (low-rank) attention with a running state in these layers "
                             "(see `pargen analyze var`)")
@@ -90,9 +94,10 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        description="Runs the baseline and the fast samplers in one process on the same model and "
                                    "noise (warm-up, then --repeats timed runs) and reports rounds, model evaluations, "
                                    "wall medians, speed-up and error against the baseline.")
-    b.add_argument("family", choices=["tarflow", "diffusion", "var", "lowrank"],
+    b.add_argument("family", choices=["tarflow", "diffusion", "var", "lowrank", "ctf"],
                    help="model family; lowrank: exact vs polynomial attention for VAR (scaling over synthetic "
-                        "pyramids, then error and FID on the bundled capped-scale model)")
+                        "pyramids, then error and FID on the bundled capped-scale model); ctf: coarse-to-fine "
+                        "against the raster AR baseline (--checkpoint c2f, --raster baseline)")
     b.add_argument("--checkpoint", default=None, help="default: the bundled model of the family")
     b.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16])
     b.add_argument("--repeats", type=positive_int, default=5)
@@ -102,8 +107,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     b.add_argument("--fid", type=positive_int, default=None, metavar="N",
                    help="also the classifier FID of N samples for the baseline and the default fast sampler")
     b.add_argument("--raster", default="raster-mnist", metavar="CKPT",
-                   help="var: the raster-order AR model over the same final token grid to compare with "
-                        "('none' to skip)")
+                   help="var, ctf: the raster-order AR model over the same final token grid to compare with "
+                        "('none' to skip, var only)")
     b.add_argument("--samplers", nargs="+", choices=["ddim", "ddpm", "ode"], default=["ddim", "ddpm", "ode"],
                    help="diffusion samplers to time (each with its default step count)")
     g = b.add_argument_group("diffusion settings (default: the checkpoint's tuned ones)")
@@ -118,7 +123,11 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     g.add_argument("--head-dim", type=positive_int, default=64, help="head dimension of the timing runs")
     g.add_argument("--degree", type=positive_int, default=2)
     g.add_argument("--kind", choices=["taylor", "chebyshev"], default="taylor")
-    g.add_argument("--plot", default=None, help="log-log plot of the measured costs (PNG)")
+    g.add_argument("--plot", default=None, help="lowrank: log-log plot of the costs; ctf: FID / IS over guidance")
+    g = b.add_argument_group("ctf")
+    g.add_argument("--guidance", type=nonneg_float, nargs="+", default=[1.0, 1.5, 2.0, 2.5, 3.0],
+                   help="guidance scales of the quality curves (with --fid N)")
+    g.add_argument("--jacobi-window", type=positive_int, default=None, help="tokens per Jacobi pass (default all)")
     b.add_argument("--json", default=None, help="write the records here")
 
     a = sub.add_parser("analyze", help="check the low-rank attention criterion of a VAR model, layer by layer",
@@ -223,7 +232,7 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
         desc = f"VAR next-scale, {len(model.config.patch_nums)} scales, cfg {cfg:g}, top-k {args.top_k}, " \
                f"top-p {args.top_p:g}{lowrank}"
         unit = "token"
-    elif meta["family"] == "raster":
+    elif meta["family"] in ("raster", "c2f"):
         from ..samplers import autoregressive as AR
 
         tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
@@ -233,20 +242,26 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
         method = "sequential" if args.method == "auto" else args.method
         if method not in ("sequential", "jacobi"):
             raise PargenError(f"raster AR models sample with --method sequential or jacobi, not {args.method}")
+        kw = dict(cfg=cfg, temperature=temp, top_k=args.top_k, top_p=args.top_p, method=method, window=args.window)
+        if meta["family"] == "c2f":
+            aux_temp = defaults.get("aux_temperature", 1.0) if args.aux_temperature is None else args.aux_temperature
+            kw.update(aux_temperature=aux_temp, mask_to_cluster=not args.no_cluster_mask)
         imgs, runs = [], []
         for s, lab in zip(tqdm(seeds, disable=not progress or len(seeds) < 16, desc="sample"), y):
             g = torch.Generator(device=args.device).manual_seed(s)
-            r = AR.sample_raster(model, tok, lab.view(1).to(args.device), cfg=cfg, temperature=temp,
-                                 top_k=args.top_k, top_p=args.top_p, generator=g, method=method, window=args.window)
+            fn = AR.sample_c2f if meta["family"] == "c2f" else AR.sample_raster
+            r = fn(model, tok, lab.view(1).to(args.device), generator=g, **kw)
             imgs.append(r.img.mul(2).sub(1).cpu())
             runs.append(r)
         x = torch.cat(imgs)
-        desc = f"raster AR {method}, {model.config.tokens} tokens, cfg {cfg:g}, temperature {temp:g}, " \
-               f"top-k {args.top_k}, top-p {args.top_p:g}"
+        what = "coarse-to-fine" if meta["family"] == "c2f" else "raster AR"
+        desc = f"{what} {method}, {len(r.tokens[0])} tokens, cfg {cfg:g}, temperature {temp:g}" + \
+            (f" / {kw['aux_temperature']:g}, cluster mask {'on' if kw['mask_to_cluster'] else 'off'}"
+             if "aux_temperature" in kw else "") + f", top-k {args.top_k}, top-p {args.top_p:g}"
         unit = "token"
     else:
         raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow, denoiser, var, "
-                          "raster")
+                          "raster, c2f")
     rounds = sum(r.rounds for r in runs) / len(runs)
     nfe = sum(r.nfe for r in runs) / len(runs)
     return x, desc, f"{rounds:.0f} sequential model calls per batch, {nfe:.0f} {unit} evaluations per image"
@@ -368,6 +383,8 @@ def cmd_bench(args) -> int:
         return _bench_var(args)
     if args.family == "lowrank":
         return _bench_lowrank(args)
+    if args.family == "ctf":
+        return _bench_ctf(args)
     model, meta, path = _load(args.checkpoint or f"{args.family}-mnist", args.device)
     guidance = tf.default_guidance(meta, args.cfg, None, None)
     print(f"bench {args.family}: {path.name}, batches {args.batch}, {args.repeats} repeats, "
@@ -590,6 +607,32 @@ def _bench_lowrank(args) -> int:
     return 0
 
 
+def _bench_ctf(args) -> int:
+    from ..evaluation import bench as benchmod
+    from . import ctf
+
+    models = ctf.load_pair(args.checkpoint or "c2f-mnist", args.raster, args.device, _tokenizer_for)
+    c = models["ctf"][0].config
+    print(f"bench ctf: {c.coarse} {c.clusters} coarse labels of {c.vocab_size} codes vs raster AR, batches "
+          f"{args.batch}, {args.repeats} repeats, {torch.get_num_threads()} threads")
+    records = ctf.speed(models, args.batch, args.repeats, args.seed, args.jacobi_window)
+    print(benchmod.table(records))
+    out: dict = {"speed": records}
+    if args.fid:
+        print(f"quality: {args.fid} samples per model and guidance {args.guidance}")
+        out["quality"] = rows = ctf.quality(models, args.guidance, args.fid, args.seed)
+        out["best"] = best = ctf.summary(rows)
+        for k, v in best.items():
+            print(f"{k}: best FID {v['fid']:.2f} (IS {v['is']:.2f}) at guidance {v['guidance']:g}")
+        if args.plot:
+            ctf.plot(rows, args.plot)
+            print(f"plot written to {args.plot}")
+    if args.json:
+        write_json(out, args.json)
+        print(f"records written to {args.json}")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from . import tarflow as tf
 
@@ -700,9 +743,14 @@ def cmd_train(args) -> int:
     if args.init:
         meta["init"] = args.init
     loss_fn = LOSSES[family]
-    if family in ("var", "raster"):
-        loss_fn = functools.partial(loss_fn, tokenizer=_tokenizer_for(args.tokenizer, cfg, args.device))
+    if family in ("var", "raster", "c2f"):
+        tok = _tokenizer_for(args.tokenizer, cfg, args.device)
+        loss_fn = functools.partial(loss_fn, tokenizer=tok)
         meta["tokenizer"] = args.tokenizer
+        if family == "c2f" and not (args.resume or args.init):
+            model.set_clusters(tok.quantize.embedding.weight, args.seed)
+            sizes = model.assign.bincount(minlength=cfg.coarse)
+            print(f"{cfg.clusters} coarse labels: {cfg.coarse} clusters of {int(sizes.min())}-{int(sizes.max())} codes")
     res = train(model, ds, loss_fn, tcfg, out=args.out, resume=args.resume, meta=meta)
     print(f"done: {len(res.losses)} steps, final loss {sum(res.losses[-50:]) / len(res.losses[-50:]):.4f}, "
           f"{res.seconds / 60:.1f} min; checkpoint {checkpoint.stem(args.out)}")

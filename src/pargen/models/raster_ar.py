@@ -31,6 +31,8 @@ class RasterARConfig:
     num_classes: int = 10
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    in_vocab: int = 0  # input token vocabulary (0: vocab_size); CTF's stage 2 reads coarse labels
+    causal: bool = True  # False: bidirectional (CTF's stage 2)
 
     @property
     def tokens(self) -> int:
@@ -76,11 +78,11 @@ class Block(nn.Module):
         self.w3 = nn.Linear(C, cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, C, bias=False)
 
-    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: KVCache | None, layer: int, causal: bool = True) -> Tensor:
         B, n, C = x.shape
         q, k, v = self.wqkv(self.attention_norm(x)).view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        a = attend(q, k, v, cache, layer, self.head_dim**-0.5)
+        a = attend(q, k, v, cache, layer, self.head_dim**-0.5, causal=causal)
         x = x + self.wo(a.transpose(1, 2).reshape(B, n, C))
         h = self.ffn_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
@@ -96,7 +98,7 @@ class RasterAR(nn.Module):
             raise ValueError(f"width {cfg.width} / heads {cfg.heads} must be a multiple of 4 (2D rotary pairs)")
         self.config = cfg
         self.cls_embedding = nn.Embedding(cfg.num_classes + 1, cfg.width)  # index num_classes: the null class
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.tok_embeddings = nn.Embedding(cfg.in_vocab or cfg.vocab_size, cfg.width)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
@@ -116,10 +118,10 @@ class RasterAR(nn.Module):
         return torch.cat(parts, 1)
 
     def run(self, h: Tensor, start: int = 0, cache: KVCache | None = None) -> Tensor:
-        """Logits (B, n, V) of inputs h (B, n, C) at input positions [start, start + n), causal, over `cache`."""
+        """Logits (B, n, V) of inputs h (B, n, C) at input positions [start, start + n), over `cache`."""
         rope = self.rope[start: start + h.shape[1]]
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, cache, i)
+            h = layer(h, rope, cache, i, self.config.causal)
         return self.output(self.norm(h)).float()
 
     def forward(self, labels: Tensor, tokens: Tensor) -> Tensor:

@@ -7,6 +7,7 @@
 - Raster-order next-token sampling (`sample_raster`) for `RasterAR`, LlamaGen's guidance
   (uncond + s (cond - uncond)), temperature, top-k / top-p, Gumbel-max draws from noise fixed up front, so
   sequential decoding (one call per token) and Jacobi decoding on the fixed-point engine give the same tokens.
+- Coarse-to-fine sampling (`sample_c2f`): the raster sampler over coarse labels, then one pass for the fine ones.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.c2f import C2F
 from ..models.raster_ar import RasterAR
 from ..models.var import VAR
 from ..nn.attention import KVCache
@@ -154,6 +156,7 @@ class RasterSample:
     rounds: int  # sequential model calls
     nfe: int  # token positions evaluated per image, summed over calls
     result: FixedPointResult | None = None  # the engine's record (iterations, residuals)
+    coarse: Tensor | None = None  # CTF: the stage-1 coarse labels (B, N)
 
     @property
     def tokens_per_call(self) -> float:
@@ -207,6 +210,20 @@ class RasterOperator:
         self.cache.commit(stop - self.cache.length)
 
 
+def raster_tokens(model: RasterAR, labels: Tensor, cfg: float, temperature: float, top_k: int, top_p: float,
+                  noise: Tensor | None, method: str = "sequential", window: int | None = None,
+                  max_iters: int | None = None) -> FixedPointResult:
+    """The engine's solve of the raster system: sequential (one token per call) or Jacobi decoding."""
+    op = RasterOperator(model, labels, cfg, temperature, top_k, top_p, noise)
+    x0 = labels.new_zeros(labels.shape[0], model.config.tokens)
+    if method == "sequential":
+        return fixed_point.sequential(op, x0)
+    if method == "jacobi":
+        # tokens are compared exactly (tol 0); a token guess that changes is not a divergence, so no fallback
+        return fixed_point.solve(op, x0, window=window, max_iters=max_iters, patience=x0.shape[1] + 1)
+    raise ValueError(f"method must be 'sequential' or 'jacobi', not {method!r}")
+
+
 @torch.no_grad()
 def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None,
@@ -218,17 +235,27 @@ def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, 
     every pass re-predicts a window of tokens from the current guess; same tokens as sequential, fewer calls
     when guesses survive); `window` bounds the tokens per Jacobi pass."""
     c = model.config
-    B, N = labels.shape[0], c.tokens
     if noise is None and temperature > 0:
-        noise = gumbel_noise(B, N, c.vocab_size, generator, labels.device)
-    op = RasterOperator(model, labels, cfg, temperature, top_k, top_p, noise)
-    x0 = labels.new_zeros(B, N)
-    if method == "sequential":
-        res = fixed_point.sequential(op, x0)
-    elif method == "jacobi":
-        # tokens are compared exactly (tol 0); a token guess that changes is not a divergence, so no fallback
-        res = fixed_point.solve(op, x0, window=window, max_iters=max_iters, patience=N + 1)
-    else:
-        raise ValueError(f"method must be 'sequential' or 'jacobi', not {method!r}")
+        noise = gumbel_noise(labels.shape[0], c.tokens, c.vocab_size, generator, labels.device)
+    res = raster_tokens(model, labels, cfg, temperature, top_k, top_p, noise, method, window, max_iters)
     img = vq.indices_to_img(res.x).add(1).mul(0.5)
     return RasterSample(img, res.x, labels, rounds=res.rounds, nfe=res.nfe, result=res)
+
+
+@torch.no_grad()
+def sample_c2f(model: C2F, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperature: float = 1.0,
+               aux_temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, mask_to_cluster: bool = True,
+               generator: torch.Generator | None = None, method: str = "sequential",
+               window: int | None = None) -> RasterSample:
+    """CTF sampling: stage 1 draws the coarse labels in raster order (guidance `cfg`, `temperature`, top-k/p;
+    sequential or Jacobi decoding), then stage 2 draws every fine label in one pass at `aux_temperature`
+    (conditioned on the class, no guidance), masked to each coarse label's cluster unless `mask_to_cluster` is
+    False. Gumbel noise for stage 1, then for stage 2, is drawn from `generator` up front."""
+    c = model.config
+    B, N = labels.shape[0], c.grid * c.grid
+    n1 = gumbel_noise(B, N, c.coarse, generator, labels.device) if temperature > 0 else None
+    n2 = gumbel_noise(B, N, c.vocab_size, generator, labels.device) if aux_temperature > 0 else None
+    res = raster_tokens(model.stage1, labels, cfg, temperature, top_k, top_p, n1, method, window)
+    fine = pick(model.fine_logits(labels, res.x, mask_to_cluster), n2, aux_temperature, 0, 0.0)
+    img = vq.indices_to_img(fine).add(1).mul(0.5)
+    return RasterSample(img, fine, labels, rounds=res.rounds + 1, nfe=res.nfe + N, result=res, coarse=res.x)

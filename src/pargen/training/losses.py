@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.c2f import C2F
 from ..models.classifier import Classifier
 from ..models.denoiser import Denoiser
 from ..models.raster_ar import RasterAR
@@ -105,5 +106,17 @@ def raster_loss(model: RasterAR, x: Tensor, y: Tensor | None, rng: SampleRNG, to
     return F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
 
+def c2f_loss(model: C2F, x: Tensor, y: Tensor | None, rng: SampleRNG, tokenizer: VQVAE,
+             label_drop: float = 0.1) -> Tensor:
+    """CTF: stage-1 next-coarse-label CE + stage-2 fine-label CE, both teacher-forced on the frozen tokenizer's
+    tokens from the same batch (separate parameters: the sum trains both), labels dropped for guidance."""
+    with torch.no_grad():
+        tokens = tokenizer.img_to_indices(x)
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device) if y is None else y
+    l1, l2 = model(drop_labels(y, label_drop, rng), tokens)
+    return l1 + l2
+
+
 LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss, "msvq": vq_loss,
-          "vq": vq_loss, "var": var_loss, "raster": raster_loss}
+          "vq": vq_loss, "var": var_loss, "raster": raster_loss,
+          "c2f": c2f_loss}
