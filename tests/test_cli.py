@@ -184,8 +184,11 @@ def test_ctf_train_sample_and_bench_against_the_raster_baseline(tmp_path):
     assert main(["bench", "ctf", "--checkpoint", str(ctf), "--raster", str(raster), "--batch", "2", "--repeats", "1",
                  "--fid", "50", "--guidance", "1", "2", "--plot", str(tmp_path / "q.png"), "--json", str(js)]) == 0
     out = json.loads(js.read_text())
-    assert [r["method"] for r in out["speed"]] == ["raster-ar", "raster-ar-jacobi", "ctf", "ctf", "ctf-jacobi"]
-    assert out["speed"][1]["max_abs_err"] == 0 and out["speed"][4]["max_abs_err"] == 0  # Jacobi: same images
-    assert out["speed"][3]["rounds"] == 65 and out["speed"][2]["max_abs_err"] is None
+    assert [r["method"] for r in out["speed"]] == ["raster-ar", "raster-ar-jacobi", "raster-ar-sjd", "ctf", "ctf",
+                                                   "ctf-jacobi", "ctf-sjd"]
+    assert out["speed"][1]["max_abs_err"] == 0 and out["speed"][5]["max_abs_err"] == 0  # Jacobi: same images
+    assert out["speed"][4]["rounds"] == 65 and out["speed"][3]["max_abs_err"] is None
+    assert out["speed"][2]["rounds"] <= 64 and out["speed"][6]["rounds"] <= 65  # SJD: at least a token per call
+    assert [(r["model"], r["method"]) for r in out["sjd"]] == [("raster", "sjd"), ("ctf", "sjd")]
     assert len(out["quality"]) == 4 and {r["model"] for r in out["quality"]} == {"raster", "ctf"}
     assert out["best"]["ctf"]["guidance"] in (1, 2) and (tmp_path / "q.png").exists()

@@ -22,12 +22,14 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     from .tarflow import METHODS as TARFLOW_METHODS
 
     def sampling_args(q):
-        q.add_argument("--method", default="auto", choices=sorted(set(TARFLOW_METHODS + DIFFUSION_METHODS)),
+        q.add_argument("--method", default="auto",
+                       choices=sorted(set(TARFLOW_METHODS + DIFFUSION_METHODS + ("sjd",))),
                        help="sampler. TarFlow: auto (calibrated GS-Jacobi plan), sequential, jacobi, gs-jacobi. "
                             "Diffusion: auto (the checkpoint's tuned parallel setting where it was measured to "
                             "win, i.e. small batches; sequential above), sequential, picard "
-                            "(sliding window), block (block Picard). Raster AR: sequential (auto), jacobi (Jacobi "
-                            "decoding, the same tokens; --window tokens per pass)")
+                            "(sliding window), block (block Picard). Raster AR and CTF: sequential (auto), jacobi "
+                            "(Jacobi decoding, the same tokens), sjd (speculative Jacobi decoding, the same "
+                            "distribution); --window tokens per pass")
         q.add_argument("--tol", type=nonneg_float, default=None,
                        help="fixed-point tolerance (TarFlow: relative change; diffusion: relative to each step's "
                             "noise std)")
@@ -240,8 +242,8 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
         cfg = defaults.get("guidance", 1.0) if args.cfg is None else args.cfg
         temp = defaults.get("temperature", 1.0) if args.temperature is None else args.temperature
         method = "sequential" if args.method == "auto" else args.method
-        if method not in ("sequential", "jacobi"):
-            raise PargenError(f"raster AR models sample with --method sequential or jacobi, not {args.method}")
+        if method not in ("sequential", "jacobi", "sjd"):
+            raise PargenError(f"raster AR models sample with --method sequential, jacobi or sjd, not {args.method}")
         kw = dict(cfg=cfg, temperature=temp, top_k=args.top_k, top_p=args.top_p, method=method, window=args.window)
         if meta["family"] == "c2f":
             aux_temp = defaults.get("aux_temperature", 1.0) if args.aux_temperature is None else args.aux_temperature
@@ -624,6 +626,9 @@ def _bench_ctf(args) -> int:
         out["best"] = best = ctf.summary(rows)
         for k, v in best.items():
             print(f"{k}: best FID {v['fid']:.2f} (IS {v['is']:.2f}) at guidance {v['guidance']:g}")
+        # speculative Jacobi decoding keeps the distribution: the same FID within noise, at the best guidance
+        out["sjd"] = [r for k, v in best.items()
+                      for r in ctf.quality({k: models[k]}, [v["guidance"]], args.fid, args.seed, method="sjd")]
         if args.plot:
             ctf.plot(rows, args.plot)
             print(f"plot written to {args.plot}")

@@ -25,8 +25,8 @@ def _sampler(model, meta, tok, cfg: float | None = None, method: str = "sequenti
 
 
 def speed(models: dict[str, tuple], batches: list[int], repeats: int, seed: int, window: int | None) -> list[dict]:
-    """Wall time and calls: raster sequential (baseline) vs its Jacobi decoding and vs CTF (another model), and
-    CTF sequential vs CTF with Jacobi-decoded stage 1 (same tokens)."""
+    """Wall time and calls: raster sequential (baseline) vs its Jacobi and speculative Jacobi decoding and vs
+    CTF (another model), and CTF sequential vs CTF with a Jacobi / speculatively decoded stage 1."""
     records = []
     for B in batches:
         y = labels_for(models["raster"][0], list(range(seed, seed + B)), None)
@@ -39,32 +39,36 @@ def speed(models: dict[str, tuple], batches: list[int], repeats: int, seed: int,
                 return r.img, {"rounds": r.rounds, "nfe": r.nfe, "tokens_per_call": r.tokens_per_call}
             return benchmod.Method(name, go, compare=compare)
 
+        # Jacobi decoding gives the same images; speculative Jacobi decoding other draws from the same distribution
         records += benchmod.run("ctf", method("raster-ar", "raster", "sequential"),
                                 [method("raster-ar-jacobi", "raster", "jacobi"),
+                                 method("raster-ar-sjd", "raster", "sjd", compare=False),
                                  method("ctf", "ctf", "sequential", compare=False)],
                                 batch=B, seed=seed, repeats=repeats)
-        records += benchmod.run("ctf", method("ctf", "ctf", "sequential"), [method("ctf-jacobi", "ctf", "jacobi")],
+        records += benchmod.run("ctf", method("ctf", "ctf", "sequential"),
+                                [method("ctf-jacobi", "ctf", "jacobi"), method("ctf-sjd", "ctf", "sjd", compare=False)],
                                 batch=B, seed=seed, repeats=repeats)
     return records
 
 
-def quality(models: dict[str, tuple], guidance: list[float], n: int, seed: int) -> list[dict]:
+def quality(models: dict[str, tuple], guidance: list[float], n: int, seed: int,
+            method: str = "sequential") -> list[dict]:
     """FID / KID / IS of n samples per model and guidance scale (labels seed mod 10, 50 images per generator),
     against the first max(n, 1000) MNIST test images as `pargen eval` does."""
     clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
     real = data.load("mnist", "test").float()[: max(n, 1000)]
     feats = metrics.classifier_features(clf)
     rows = []
-    for key in ("raster", "ctf"):
+    for key in [k for k in ("raster", "ctf") if k in models]:
         model, meta, tok = models[key]
         y = labels_for(model, list(range(seed, seed + n)), None)
         for s in guidance:
-            fn = _sampler(model, meta, tok, cfg=s)
+            fn = _sampler(model, meta, tok, cfg=s, method=method)
             fake = torch.cat([fn(y[i: i + 50], torch.Generator().manual_seed(seed + i)).img
                               for i in tqdm(range(0, n, 50), desc=f"{key} guidance {s:g}", leave=False)])
             sc = metrics.scores(real, fake.mul(2).sub(1), feats, clf)
-            rows.append({"model": key, "guidance": s, "n": n, **sc})
-            print(f"  {key:6s} guidance {s:<4g} FID {sc['fid']:6.2f}  IS {sc['is']:.2f}", flush=True)
+            rows.append({"model": key, "guidance": s, "n": n, "method": method, **sc})
+            print(f"  {key:6s} {method} guidance {s:<4g} FID {sc['fid']:6.2f}  IS {sc['is']:.2f}", flush=True)
     return rows
 
 

@@ -200,28 +200,96 @@ class RasterOperator:
         self.noise = noise
         self.cache = model.new_cache(len(self.lab), like=model.rope)
 
-    def __call__(self, x: Tensor, start: int, stop: int, need: Tensor | None = None) -> Tensor:
+    def logits(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Guided logits (B, stop - start, V) at positions [start, stop) given the tokens in x before them."""
         toks = x[:, max(start - 1, 0): stop - 1].repeat(len(self.lab) // self.B, 1)
         h = self.model.embed(self.lab if start == 0 else None, toks)
-        logits = guided(self.model.run(h, start, self.cache), self.B, self.cfg)
+        return guided(self.model.run(h, start, self.cache), self.B, self.cfg)
+
+    def probs(self, x: Tensor, start: int, stop: int) -> Tensor:
+        d = self.draw
+        return top_k_top_p(self.logits(x, start, stop) / d["temperature"], d["top_k"], d["top_p"]).softmax(-1)
+
+    def __call__(self, x: Tensor, start: int, stop: int, need: Tensor | None = None) -> Tensor:
+        logits = self.logits(x, start, stop)
         return pick(logits, None if self.noise is None else self.noise[:, start:stop], **self.draw)
 
     def commit(self, x: Tensor, stop: int) -> None:
         self.cache.commit(stop - self.cache.length)
 
 
+def speculative_jacobi(op: RasterOperator, batch: int, tokens: int, vocab: int, window: int,
+                       generator: torch.Generator | None) -> tuple[Tensor, int, int]:
+    """Speculative Jacobi decoding (Teng et al., arXiv 2410.01699): each call evaluates a window of draft tokens
+    after each sample's accepted prefix; from the left, a draft x drawn from q is accepted with probability
+    min(1, p(x) / q(x)) under the new distribution p, the first rejected one is redrawn from max(0, p - q)
+    (normalised) and accepted, and the drafts after it are redrawn from their new p. Fresh drafts are uniform.
+    Every call accepts at least one token per sample and the result is distributed as sequential sampling (not
+    the same tokens). Returns (tokens (B, N), sequential calls, positions evaluated per sample)."""
+    B, N, V = batch, tokens, vocab
+    dev = op.cache.k.device
+    x = torch.randint(V, (B, N), generator=generator, device=dev)
+    q = torch.full((B, N, V), 1 / V, device=dev)
+    f = torch.zeros(B, dtype=torch.long, device=dev)  # accepted tokens per sample
+    rows = torch.arange(B, device=dev)
+    rounds = nfe = 0
+    while bool((f < N).any()):
+        c = int(f.min())
+        end = (f + window).clamp(max=N)
+        stop = int(end.max())
+        p = op.probs(x, c, stop)  # (B, n, V) at positions c .. stop-1
+        rounds += 1
+        nfe += int((end - f).max())
+        n = stop - c
+        pos = torch.arange(c, stop, device=dev)[None]
+        win = (pos >= f[:, None]) & (pos < end[:, None])
+        xs = x[:, c:stop, None]
+        px, qx = p.gather(2, xs)[..., 0], q[:, c:stop].gather(2, xs)[..., 0]
+        u = torch.rand(B, n, generator=generator, device=dev)
+        ok = (pos < f[:, None]) | (win & (u * qx <= px))
+        j = c + ok.long().cumprod(1).sum(1)  # first rejected (or window end) position per sample
+        rej = j < end
+        if bool(rej.any()):  # redraw the rejected token from the residual; it is exact, so it is accepted
+            jj = (j - c).clamp(max=n - 1)
+            pj, qj = p[rows, jj], q[rows, (j).clamp(max=N - 1)]
+            res = (pj - qj).clamp_min(0)
+            res = torch.where(res.sum(1, keepdim=True) > 0, res, pj)
+            redraw = torch.multinomial(res, 1, generator=generator)[:, 0]
+            x[rows[rej], j[rej]] = redraw[rej]
+        f_new = torch.where(rej, j + 1, end)
+        later = win & (pos >= f_new[:, None])  # drafts left in the window: redraw them from their new p
+        if bool(later.any()):
+            fresh = torch.multinomial(p.reshape(-1, V), 1, generator=generator).view(B, n)
+            x[:, c:stop] = torch.where(later, fresh, x[:, c:stop])
+            q[:, c:stop] = torch.where(later[..., None], p, q[:, c:stop])
+        f = f_new
+        op.commit(x, int(f.min()))
+    return x, rounds, nfe
+
+
 def raster_tokens(model: RasterAR, labels: Tensor, cfg: float, temperature: float, top_k: int, top_p: float,
                   noise: Tensor | None, method: str = "sequential", window: int | None = None,
-                  max_iters: int | None = None) -> FixedPointResult:
-    """The engine's solve of the raster system: sequential (one token per call) or Jacobi decoding."""
+                  max_iters: int | None = None,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, int, int, FixedPointResult | None]:
+    """Tokens (B, N), sequential calls, positions evaluated and the engine's record: `sequential` (one token per
+    call) or `jacobi` (Jacobi decoding, the same tokens) on the fixed-point engine, or `sjd` (speculative Jacobi
+    decoding: the same distribution, random acceptance; draws its own random numbers from `generator`)."""
     op = RasterOperator(model, labels, cfg, temperature, top_k, top_p, noise)
-    x0 = labels.new_zeros(labels.shape[0], model.config.tokens)
+    N = model.config.tokens
+    x0 = labels.new_zeros(labels.shape[0], N)
+    if method == "sjd":
+        if temperature <= 0:
+            raise ValueError("speculative Jacobi decoding samples; use temperature > 0 (or method='jacobi')")
+        x, rounds, nfe = speculative_jacobi(op, labels.shape[0], N, model.config.vocab_size, window or 16, generator)
+        return x, rounds, nfe, None
     if method == "sequential":
-        return fixed_point.sequential(op, x0)
-    if method == "jacobi":
+        res = fixed_point.sequential(op, x0)
+    elif method == "jacobi":
         # tokens are compared exactly (tol 0); a token guess that changes is not a divergence, so no fallback
-        return fixed_point.solve(op, x0, window=window, max_iters=max_iters, patience=x0.shape[1] + 1)
-    raise ValueError(f"method must be 'sequential' or 'jacobi', not {method!r}")
+        res = fixed_point.solve(op, x0, window=window, max_iters=max_iters, patience=N + 1)
+    else:
+        raise ValueError(f"method must be 'sequential', 'jacobi' or 'sjd', not {method!r}")
+    return res.x, res.rounds, res.nfe, res
 
 
 @torch.no_grad()
@@ -235,11 +303,12 @@ def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, 
     every pass re-predicts a window of tokens from the current guess; same tokens as sequential, fewer calls
     when guesses survive); `window` bounds the tokens per Jacobi pass."""
     c = model.config
-    if noise is None and temperature > 0:
+    if noise is None and temperature > 0 and method != "sjd":
         noise = gumbel_noise(labels.shape[0], c.tokens, c.vocab_size, generator, labels.device)
-    res = raster_tokens(model, labels, cfg, temperature, top_k, top_p, noise, method, window, max_iters)
-    img = vq.indices_to_img(res.x).add(1).mul(0.5)
-    return RasterSample(img, res.x, labels, rounds=res.rounds, nfe=res.nfe, result=res)
+    x, rounds, nfe, res = raster_tokens(model, labels, cfg, temperature, top_k, top_p, noise, method, window,
+                                        max_iters, generator)
+    img = vq.indices_to_img(x).add(1).mul(0.5)
+    return RasterSample(img, x, labels, rounds=rounds, nfe=nfe, result=res)
 
 
 @torch.no_grad()
@@ -253,9 +322,10 @@ def sample_c2f(model: C2F, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperat
     False. Gumbel noise for stage 1, then for stage 2, is drawn from `generator` up front."""
     c = model.config
     B, N = labels.shape[0], c.grid * c.grid
-    n1 = gumbel_noise(B, N, c.coarse, generator, labels.device) if temperature > 0 else None
+    n1 = gumbel_noise(B, N, c.coarse, generator, labels.device) if temperature > 0 and method != "sjd" else None
     n2 = gumbel_noise(B, N, c.vocab_size, generator, labels.device) if aux_temperature > 0 else None
-    res = raster_tokens(model.stage1, labels, cfg, temperature, top_k, top_p, n1, method, window)
-    fine = pick(model.fine_logits(labels, res.x, mask_to_cluster), n2, aux_temperature, 0, 0.0)
+    coarse, rounds, nfe, res = raster_tokens(model.stage1, labels, cfg, temperature, top_k, top_p, n1, method,
+                                             window, generator=generator)
+    fine = pick(model.fine_logits(labels, coarse, mask_to_cluster), n2, aux_temperature, 0, 0.0)
     img = vq.indices_to_img(fine).add(1).mul(0.5)
-    return RasterSample(img, fine, labels, rounds=res.rounds + 1, nfe=res.nfe + N, result=res, coarse=res.x)
+    return RasterSample(img, fine, labels, rounds=rounds + 1, nfe=nfe + N, result=res, coarse=coarse)
