@@ -64,6 +64,12 @@ def test_registry_presets_build_and_train_step():
             loss.backward()
             assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()), name
             continue
+        if model.family == "c2f":
+            l1, l2 = model(torch.tensor([0, -1]), torch.randint(cfg.vocab_size, (2, cfg.grid * cfg.grid)))
+            (l1 + l2).backward()  # both output heads start at zero, so only they get a gradient at step 0
+            for head in (model.stage1.output, model.aux.output):
+                assert torch.isfinite(head.weight.grad).all() and head.weight.grad.abs().sum() > 0, name
+            continue
         if model.family == "raster":
             loss = torch.nn.functional.cross_entropy(
                 model(torch.tensor([0, -1]), torch.randint(cfg.vocab_size, (2, cfg.tokens))).flatten(0, 1),
