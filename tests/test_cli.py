@@ -128,8 +128,10 @@ def test_demo_quick_writes_a_report(tmp_path):
     page = (out / "index.html").read_text()
     assert "<table" in page and "speedup" in page
     for src in ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png", "diffusion_sequential.png",
-                "diffusion_fast.png"):
+                "diffusion_fast.png", "var_nocache.png", "var_kv.png", "var_scale_time.png", "raster-mnist.png",
+                "c2f-mnist.png"):
         assert f"src='{src}'" in page and (out / src).stat().st_size > 0
+    assert page.count("<h2>") == 4  # VAR, TarFlow, diffusion, raster AR + coarse-to-fine
 
 
 def test_eval_on_a_folder_of_images(tmp_path):
