@@ -6,7 +6,8 @@
   `autoregressive_infer_cfg` token for token.
 - Raster-order next-token sampling (`sample_raster`) for `RasterAR`, LlamaGen's guidance
   (uncond + s (cond - uncond)), temperature, top-k / top-p, Gumbel-max draws from noise fixed up front, so
-  sequential decoding (one call per token) and Jacobi decoding on the fixed-point engine give the same tokens.
+  sequential decoding (one call per token) and Jacobi decoding on the fixed-point engine give the same tokens;
+  speculative Jacobi decoding (random acceptance) gives other tokens from the same distribution.
 - Coarse-to-fine sampling (`sample_c2f`): the raster sampler over coarse labels, then one pass for the fine ones.
 """
 from __future__ import annotations
@@ -155,7 +156,7 @@ class RasterSample:
     labels: Tensor
     rounds: int  # sequential model calls
     nfe: int  # token positions evaluated per image, summed over calls
-    result: FixedPointResult | None = None  # the engine's record (iterations, residuals)
+    result: FixedPointResult | None = None  # the engine's record (iterations, residuals); None for SJD
     coarse: Tensor | None = None  # CTF: the stage-1 coarse labels (B, N)
 
     @property
