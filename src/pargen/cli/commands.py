@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .. import checkpoint, data, registry
 from ..errors import PargenError
 from ..evaluation.bench import write_json
-from .common import labels_for
+from .common import labels_for, raster_sampler, sample_in_chunks
 
 
 def add_parsers(sub, positive_int, nonneg_float) -> None:
@@ -229,7 +229,7 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
             r = AR.sample(model, tok, lab.view(1).to(args.device), cfg=cfg, top_k=args.top_k, top_p=args.top_p,
                           generator=g)
             imgs.append(r.img.mul(2).sub(1).cpu())
-            runs.append(argparse.Namespace(rounds=r.rounds, nfe=model.config.L))
+            runs.append(r)
         x = torch.cat(imgs)
         desc = f"VAR next-scale, {len(model.config.patch_nums)} scales, cfg {cfg:g}, top-k {args.top_k}, " \
                f"top-p {args.top_p:g}{lowrank}"
@@ -472,10 +472,9 @@ def _bench_var(args) -> int:
         if rmeta["family"] != "raster":
             raise PargenError(f"{rpath} is a {rmeta['family']} checkpoint, not a raster AR model")
         rtok = _tokenizer_for(rmeta.get("tokenizer"), rmodel.config, args.device)
-        rd = rmeta.get("sample_defaults", {})
-        raster = (rmodel, rtok, rd.get("guidance", 1.0), rd.get("temperature", 1.0), rpath.name)
+        raster = (rmodel, rmeta, rtok, rmeta.get("sample_defaults", {}).get("guidance", 1.0), rpath.name)
     print(f"bench var: {path.name}, {len(c.patch_nums)} scales (L = {c.L}), batches {args.batch}, cfg {cfg:g}"
-          + (f"; raster AR {raster[4]} ({raster[0].config.tokens} tokens, cfg {raster[2]:g})" if raster else "")
+          + (f"; raster AR {raster[4]} ({raster[0].config.tokens} tokens, cfg {raster[3]:g})" if raster else "")
           + f"; {torch.get_num_threads()} threads")
     records = []
     for B in args.batch:
@@ -485,8 +484,7 @@ def _bench_var(args) -> int:
         def var_run(kv: bool):
             def go():
                 r = AR.sample(model, tok, y, cfg=cfg, kv_cache=kv, generator=torch.Generator().manual_seed(args.seed))
-                prefix_tokens = sum(sum(p * p for p in c.patch_nums[: i + 1]) for i in range(len(c.patch_nums)))
-                return r.img, {"rounds": r.rounds, "nfe": c.L if kv else prefix_tokens,
+                return r.img, {"rounds": r.rounds, "nfe": r.nfe,
                                "scale_ms": [round(1e3 * t, 2) for t in r.scale_seconds]}
             return go
 
@@ -496,13 +494,14 @@ def _bench_var(args) -> int:
         records += benchmod.run("var", benchmod.Method("no-kv-cache", var_run(False)), [var_kv],
                                 batch=B, seed=args.seed, repeats=args.repeats)
         if raster:
-            rmodel, rtok, rcfg, rtemp, _ = raster
+            rmodel, rmeta, rtok, rcfg, _ = raster
             rc = rmodel.config
 
             def raster_run(method: str):
+                fn = raster_sampler(rmodel, rmeta, rtok, method=method)
+
                 def go():
-                    r = AR.sample_raster(rmodel, rtok, y, cfg=rcfg, temperature=rtemp, method=method,
-                                         generator=torch.Generator().manual_seed(args.seed))
+                    r = fn(y, torch.Generator().manual_seed(args.seed))
                     return r.img, {"rounds": r.rounds, "nfe": r.nfe, "tokens_per_call": r.tokens_per_call}
                 return go
 
@@ -519,14 +518,11 @@ def _bench_var(args) -> int:
         feats = metrics.classifier_features(clf)
         seeds = list(range(args.seed, args.seed + args.fid))
         y = labels_for(model, seeds, None).to(args.device)
-        fakes = {"kv-cache": torch.cat([AR.sample(model, tok, y[i: i + 50], cfg=cfg, generator=torch.Generator()
-                                                  .manual_seed(args.seed + i)).img for i in range(0, len(y), 50)])}
+        fakes = {"kv-cache": sample_in_chunks(lambda yy, g: AR.sample(model, tok, yy, cfg=cfg, generator=g), y,
+                                              args.seed)}
         if raster:
-            rmodel, rtok, rcfg, rtemp, _ = raster
-            fakes["raster-ar"] = torch.cat([AR.sample_raster(rmodel, rtok, y[i: i + 50], cfg=rcfg, temperature=rtemp,
-                                                             generator=torch.Generator().manual_seed(args.seed + i))
-                                            .img for i in range(0, len(y), 50)])
-        fid = {k: metrics.scores(real, v.mul(2).sub(1), feats)["fid"] for k, v in fakes.items()}
+            fakes["raster-ar"] = sample_in_chunks(raster_sampler(*raster[:3]), y, args.seed)
+        fid = {k: metrics.scores(real, v, feats)["fid"] for k, v in fakes.items()}
         for r in records:
             key = {"no-kv-cache": "kv-cache", "var-kv-cache": "kv-cache"}.get(r["method"], r["method"])
             if key in fid:
@@ -593,12 +589,11 @@ def _bench_lowrank(args) -> int:
         labels = labels_for(model, list(range(args.seed, args.seed + args.fid)), None)
         for mode in ("exact", "lowrank"):
             model.set_lowrank(None, spec if mode == "lowrank" else None)
-            fake, t0 = [], time.perf_counter()
-            for i in tqdm(range(0, args.fid, 50), desc=f"FID {mode}"):
-                g = torch.Generator().manual_seed(args.seed + i)
-                fake.append(AR.sample(model, tok, labels[i: i + 50], cfg=cfg, generator=g).img.mul(2).sub(1))
+            t0 = time.perf_counter()
+            fake = sample_in_chunks(lambda yy, g: AR.sample(model, tok, yy, cfg=cfg, generator=g), labels, args.seed,
+                                    f"FID {mode}")
             m[f"sample_s_{mode}"] = time.perf_counter() - t0
-            m[f"fid_{mode}"] = metrics.scores(real, torch.cat(fake), feats)["fid"]
+            m[f"fid_{mode}"] = metrics.scores(real, fake, feats)["fid"]
         model.set_lowrank(None, None)
         m["fid_n"], m["fid_increase"] = args.fid, m["fid_lowrank"] / m["fid_exact"] - 1
         print(f"FID of {args.fid} samples (cfg {cfg:g}): exact {m['fid_exact']:.2f}, low-rank {m['fid_lowrank']:.2f} "

@@ -1,7 +1,10 @@
 """Helpers shared by the family glue modules of the CLI."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from tqdm import tqdm
 
 from ..errors import PargenError
 
@@ -18,3 +21,26 @@ def labels_for(model: torch.nn.Module, seeds: list[int], labels: list[int] | Non
             raise PargenError(f"labels must be in [0, {k - 1}]")
         return torch.tensor([labels[i % len(labels)] for i in range(len(seeds))])
     return torch.tensor([s % k for s in seeds])
+
+
+def raster_sampler(model, meta: dict, tok, cfg: float | None = None, method: str = "sequential",
+                   window: int | None = None) -> Callable:
+    """(labels, generator) -> RasterSample for a raster or c2f checkpoint with its sampling defaults."""
+    from ..samplers import autoregressive as AR
+
+    d = meta.get("sample_defaults", {})
+    kw = dict(cfg=d.get("guidance", 1.0) if cfg is None else cfg, temperature=d.get("temperature", 1.0),
+              method=method, window=window)
+    if meta["family"] == "c2f":
+        kw.update(aux_temperature=d.get("aux_temperature", 1.0), mask_to_cluster=d.get("mask_to_cluster", True))
+        return lambda y, g: AR.sample_c2f(model, tok, y, generator=g, **kw)
+    return lambda y, g: AR.sample_raster(model, tok, y, generator=g, **kw)
+
+
+def sample_in_chunks(fn: Callable, labels: torch.Tensor, seed: int, desc: str | None = None,
+                     size: int = 50) -> torch.Tensor:
+    """Images in [-1, 1] for FID: fn(labels chunk, generator) -> sample with `.img` in [0, 1], `size` labels per
+    call, chunk i drawing from a generator seeded seed + i."""
+    chunks = range(0, len(labels), size)
+    return torch.cat([fn(labels[i: i + size], torch.Generator().manual_seed(seed + i)).img
+                      for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)]).mul(2).sub(1)

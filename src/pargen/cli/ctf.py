@@ -3,25 +3,12 @@ and Inception-style score over guidance, sampling wall time and model calls, and
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
 
 from .. import checkpoint, data
 from ..errors import PargenError
 from ..evaluation import bench as benchmod
 from ..evaluation import metrics
-from ..samplers import autoregressive as AR
-from .common import labels_for
-
-
-def _sampler(model, meta, tok, cfg: float | None = None, method: str = "sequential", window: int | None = None):
-    """labels, generator -> RasterSample for a raster or c2f checkpoint with its sampling defaults."""
-    d = meta.get("sample_defaults", {})
-    kw = dict(cfg=d.get("guidance", 1.0) if cfg is None else cfg, temperature=d.get("temperature", 1.0),
-              method=method, window=window)
-    if meta["family"] == "c2f":
-        kw.update(aux_temperature=d.get("aux_temperature", 1.0), mask_to_cluster=d.get("mask_to_cluster", True))
-        return lambda y, g: AR.sample_c2f(model, tok, y, generator=g, **kw)
-    return lambda y, g: AR.sample_raster(model, tok, y, generator=g, **kw)
+from .common import labels_for, raster_sampler, sample_in_chunks
 
 
 def speed(models: dict[str, tuple], batches: list[int], repeats: int, seed: int, window: int | None) -> list[dict]:
@@ -32,7 +19,7 @@ def speed(models: dict[str, tuple], batches: list[int], repeats: int, seed: int,
         y = labels_for(models["raster"][0], list(range(seed, seed + B)), None)
 
         def method(name: str, key: str, how: str, compare: bool = True) -> benchmod.Method:
-            fn = _sampler(*models[key], method=how, window=window)
+            fn = raster_sampler(*models[key], method=how, window=window)
 
             def go():
                 r = fn(y, torch.Generator().manual_seed(seed))
@@ -63,10 +50,9 @@ def quality(models: dict[str, tuple], guidance: list[float], n: int, seed: int,
         model, meta, tok = models[key]
         y = labels_for(model, list(range(seed, seed + n)), None)
         for s in guidance:
-            fn = _sampler(model, meta, tok, cfg=s, method=method)
-            fake = torch.cat([fn(y[i: i + 50], torch.Generator().manual_seed(seed + i)).img
-                              for i in tqdm(range(0, n, 50), desc=f"{key} guidance {s:g}", leave=False)])
-            sc = metrics.scores(real, fake.mul(2).sub(1), feats, clf)
+            fn = raster_sampler(model, meta, tok, cfg=s, method=method)
+            fake = sample_in_chunks(fn, y, seed, f"{key} guidance {s:g}")
+            sc = metrics.scores(real, fake, feats, clf)
             rows.append({"model": key, "guidance": s, "n": n, "method": method, **sc})
             print(f"  {key:6s} {method} guidance {s:<4g} FID {sc['fid']:6.2f}  IS {sc['is']:.2f}", flush=True)
     return rows

@@ -12,7 +12,7 @@ from ..errors import PargenError
 from ..evaluation import bench as benchmod
 from ..samplers import flow
 from . import tarflow as tf
-from .common import labels_for
+from .common import labels_for, raster_sampler
 
 
 def _tarflow_section(out: Path, quick: bool) -> dict:
@@ -78,9 +78,7 @@ def _var_section(out: Path, quick: bool) -> dict:
     def run(kv: bool):
         def go():
             r = AR.sample(model, tok, y, cfg=cfg, kv_cache=kv, generator=torch.Generator().manual_seed(0))
-            c = model.config
-            prefix = sum(sum(p * p for p in c.patch_nums[: i + 1]) for i in range(len(c.patch_nums)))
-            return r.img, {"rounds": r.rounds, "nfe": c.L if kv else prefix, "scale_seconds": r.scale_seconds}
+            return r.img, {"rounds": r.rounds, "nfe": r.nfe, "scale_seconds": r.scale_seconds}
         return go
 
     records = benchmod.run("var", benchmod.Method("re-run prefix", run(False)),
@@ -99,7 +97,6 @@ def _var_section(out: Path, quick: bool) -> dict:
 
 
 def _ctf_section(out: Path, quick: bool) -> dict:
-    from .ctf import _sampler
     from .commands import _tokenizer_for
 
     loaded = {}
@@ -109,7 +106,7 @@ def _ctf_section(out: Path, quick: bool) -> dict:
     y = labels_for(loaded["raster-mnist"][0], [0], None)
 
     def run(name: str, method: str):
-        fn = _sampler(*loaded[name], method=method)
+        fn = raster_sampler(*loaded[name], method=method)
 
         def go():
             r = fn(y, torch.Generator().manual_seed(0))
@@ -124,7 +121,7 @@ def _ctf_section(out: Path, quick: bool) -> dict:
                             repeats=2 if quick else 5)
     ys = labels_for(loaded["raster-mnist"][0], list(range(16)), None)
     for name in ("raster-mnist", "c2f-mnist"):
-        img = _sampler(*loaded[name])(ys, torch.Generator().manual_seed(0)).img
+        img = raster_sampler(*loaded[name])(ys, torch.Generator().manual_seed(0)).img
         images.save_grid(img.mul(2).sub(1), out / f"{name}.png", nrow=8, scale=3)
     print("  raster AR and coarse-to-fine: 16 images each")
     return {"title": "Raster AR and coarse-to-fine with Jacobi decoding (MNIST, batch 1)", "records": records,

@@ -47,9 +47,10 @@ class PolySpec:
         return math.comb(head_dim + self.degree, self.degree)
 
 
+@functools.lru_cache(maxsize=4096)
 def exp_poly(spec: PolySpec, beta: float) -> np.ndarray:
-    """Monomial coefficients c_0..c_g (float64) of the degree-g approximation of exp on [-beta, beta], with the
-    positivity floor applied."""
+    """Monomial coefficients c_0..c_g (float64, read-only) of the degree-g approximation of exp on [-beta, beta],
+    with the positivity floor applied. Cached: sampling asks for the same head bounds at every scale."""
     g = spec.degree
     if spec.kind == "taylor":
         c = np.array([1 / math.factorial(j) for j in range(g + 1)])
@@ -63,6 +64,7 @@ def exp_poly(spec: PolySpec, beta: float) -> np.ndarray:
     floor = 1e-3 * math.exp(-beta)
     if lo < floor:
         c[0] += floor - lo
+    c.flags.writeable = False
     return c
 
 

@@ -56,6 +56,7 @@ class VARSample:
     labels: Tensor
     trace: list[dict[str, Tensor]] = field(default_factory=list)  # per scale, when asked
     rounds: int = 0  # sequential transformer calls (one per scale)
+    nfe: int = 0  # token positions run through the transformer per image (the prefix again without the cache)
     scale_seconds: list[float] = field(default_factory=list)  # wall time of each scale (model call + draw)
 
 
@@ -106,11 +107,12 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
     prefix = None
     f_hat = x.new_zeros(B, Cv, c.patch_nums[-1], c.patch_nums[-1])
     indices, steps, seconds = [], [], []
-    cur = 0
+    cur = nfe = 0
     for si, pn in enumerate(c.patch_nums):
         t0 = time.perf_counter()
         ratio = si / (K - 1)
         cur += pn * pn
+        nfe += pn * pn if kv_cache else cur
         if kv_cache:
             for i, blk in enumerate(var.blocks):
                 x = blk(x, ada, cache=cache, layer=i)
@@ -146,7 +148,7 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
             x = x.repeat(2, 1, 1)
         seconds.append(time.perf_counter() - t0)
     img = vae.fhat_to_img(f_hat).add(1).mul(0.5)
-    return VARSample(img, indices, f_hat, labels, steps, rounds=K, scale_seconds=seconds)
+    return VARSample(img, indices, f_hat, labels, steps, rounds=K, nfe=nfe, scale_seconds=seconds)
 
 
 @dataclass
