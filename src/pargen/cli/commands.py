@@ -298,9 +298,6 @@ def cmd_analyze(args) -> int:
     ds = data.load(args.data or meta.get("data") or "mnist", "test", meta.get("size"))
     x = ds.float(slice(0, args.n)).to(args.device)
     y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(args.device)
-    with torch.no_grad():
-        idx = tok.img_to_indices(x)
-        inputs = tok.quantize.teacher_forcing_input(idx)
     specs = [PolySpec(g, k) for k in args.kinds for g in args.degrees]
     hd = model.config.C // model.config.H
     too_big = [s for s in specs if s.rank(hd) > 20_000]
@@ -308,7 +305,7 @@ def cmd_analyze(args) -> int:
         raise PargenError(f"degree {too_big[0].degree} on head dimension {hd} means rank {too_big[0].rank(hd):,}; "
                           "pick lower --degrees")
     print(f"analyze {path.name}: {len(x)} test images of {ds.name}, head dimension {hd}")
-    rep = lr.analyze(model, y, inputs, torch.cat(idx, 1), specs, args.max_err)
+    rep = lr.analyze(model, tok, x, y, specs, args.max_err)
     lr.print_analysis(rep)
     if args.json:
         write_json(rep, args.json)
@@ -564,10 +561,7 @@ def _bench_lowrank(args) -> int:
     c = model.config
     tok = _tokenizer_for(meta.get("tokenizer"), c, args.device)
     ds = data.load(meta.get("data") or "mnist", "test", meta.get("size"))
-    x, y = ds.float(slice(0, 64)), ds.labels[:64]
-    with torch.no_grad():
-        idx = tok.img_to_indices(x)
-        rep = lr.analyze(model, y, tok.quantize.teacher_forcing_input(idx), torch.cat(idx, 1), [spec], 1.0)
+    rep = lr.analyze(model, tok, ds.float(slice(0, 64)), ds.labels[:64], [spec], 1.0)
     key = f"{spec.kind}{spec.degree}"
     errs = [max(r["errors"][key]["measured"]) for r in rep["layers"]]
     hd = c.C // c.H

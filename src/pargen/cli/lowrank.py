@@ -52,11 +52,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor, dims=(0, 2, 3)) -> torch.Tensor:
 
 
 @torch.no_grad()
-def analyze(var: VAR, labels: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, specs: list[LR.PolySpec],
+def analyze(var: VAR, tok, images: torch.Tensor, labels: torch.Tensor, specs: list[LR.PolySpec],
             max_err: float) -> dict[str, Any]:
     """Per layer and head: logit bound, max entries of Q and K, worst-case per-entry error of each polynomial on
     that interval and the measured attention-output error on these inputs; the layers that can go low-rank within
-    `max_err` at the cheapest degree; teacher-forced loss exact vs with those layers low-rank."""
+    `max_err` at the cheapest degree; teacher-forced loss exact vs with those layers low-rank, all on the
+    tokenizer `tok`'s tokens of `images` (B, C, H, W in [-1, 1])."""
+    idx = tok.img_to_indices(images)
+    inputs, targets = tok.quantize.teacher_forcing_input(idx), torch.cat(idx, 1)
     c = var.config
     n = c.patch_nums[-1]
     blocks = [p * p for p in c.patch_nums]
