@@ -1,8 +1,12 @@
 import json
+import os
+import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pargen.cli.main import main
 
@@ -22,6 +26,7 @@ def run_cli(*args):
     (["sample", "tarflow-mnist", "--method", "magic"], "invalid choice"),
     (["bench", "unknown-family"], "invalid choice"),
     (["sample", "tarflow-mnist", "--method", "picard"], "unknown method"),
+    (["sample", "var-mnist", "--split", "calls"], "--split calls splits the model calls of a diffusion sampler"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     r = run_cli(*args)
@@ -122,16 +127,56 @@ def test_diffusion_auto_is_parallel_only_where_it_was_measured_to_win():
     assert (st.steps, st.window, st.guidance) == (1000, 16, 3.0)
 
 
-def test_demo_quick_writes_a_report(tmp_path):
-    out = tmp_path / "demo"
+DEMO_IMAGES = ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png", "diffusion_sequential.png",
+               "diffusion_fast.png", "diffusion_convergence.png", "var_nocache.png", "var_kv.png",
+               "var_scale_time.png", "raster-mnist.png", "c2f-mnist.png")
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    page = (out / "index.html").read_text()
+    return out
+
+
+def test_demo_quick_writes_a_report(demo_report):
+    page = (demo_report / "index.html").read_text()
     assert "<table" in page and "speedup" in page
-    for src in ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png", "diffusion_sequential.png",
-                "diffusion_fast.png", "var_nocache.png", "var_kv.png", "var_scale_time.png", "raster-mnist.png",
-                "c2f-mnist.png"):
-        assert f"src='{src}'" in page and (out / src).stat().st_size > 0
+    for src in DEMO_IMAGES:
+        assert f"src='{src}'" in page and (demo_report / src).stat().st_size > 0
     assert page.count("<h2>") == 4  # VAR, TarFlow, diffusion, raster AR + coarse-to-fine
+
+
+# Appended to a copy of the page: after loading, it writes what the browser made of the images and tables.
+PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const p = document.createElement('pre'); p.id = 'probe';
+  p.textContent = JSON.stringify({images: imgs.length, tables: document.querySelectorAll('table').length,
+    broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.getAttribute('src'))});
+  document.body.appendChild(p);
+});</script>"""
+
+
+def test_demo_report_renders_in_headless_chromium(demo_report, tmp_path):
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed here (.ci/run installs it)")
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}"]
+    page = (demo_report / "index.html").read_text()
+    probe = demo_report / "probe.html"  # beside index.html, so the images resolve the same way
+    probe.write_text(page.replace("</body>", PROBE + "</body>"))
+    dom = subprocess.run(flags + ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = json.loads(dom.split('<pre id="probe">')[1].split("</pre>")[0])
+    assert found == {"images": len(DEMO_IMAGES), "tables": 4, "broken": []}
+    shot = tmp_path / "shot.png"
+    subprocess.run(flags + ["--window-size=1200,2400", f"--screenshot={shot}", (demo_report / "index.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (2400, 1200) and pixels.min() < 50 and pixels.max() > 200  # text and images drawn
 
 
 def test_eval_on_a_folder_of_images(tmp_path):
@@ -194,3 +239,63 @@ def test_ctf_train_sample_and_bench_against_the_raster_baseline(tmp_path):
     assert [(r["model"], r["method"]) for r in out["sjd"]] == [("raster", "sjd"), ("ctf", "sjd")]
     assert len(out["quality"]) == 4 and {r["model"] for r in out["quality"]} == {"raster", "ctf"}
     assert out["best"]["ctf"]["guidance"] in (1, 2) and (tmp_path / "q.png").exists()
+
+
+def torchrun(*args, procs: int = 2):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                           f"--master_port={port}", "-m", "pargen", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("ckpt, extra, max_diff", [
+    ("var-mnist", [], 0),  # one image per call with its own generator: bit-identical
+    # batches of 2 + 1 rows instead of 3 (float32 order: at most one grey level); `--method auto` would pick by
+    # the batch on each rank, so name the sampler
+    ("denoiser-mnist", ["--steps", "8", "--method", "sequential"], 1),
+])
+def test_sample_under_torchrun_shares_the_seeds_and_gathers_the_same_images(tmp_path, ckpt, extra, max_diff):
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    assert main(["sample", ckpt, "-n", "3", "--out", str(one), *extra]) == 0
+    r = torchrun("sample", ckpt, "-n", "3", "--out", str(two), *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "seeds shared by 2 processes" in r.stdout
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (one, two))
+    assert a.shape == b.shape and np.abs(a - b).max() <= max_diff
+
+
+@pytest.mark.dist
+def test_torchrun_with_fewer_images_than_processes_is_an_error():
+    r = torchrun("sample", "var-mnist", "-n", "1", "--out", "unused.png")
+    assert r.returncode != 0 and "1 images cannot be shared by 2 processes" in r.stderr
+
+
+def test_readme_results_section_is_generated_from_the_bench_json(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "..", "docs", "make_results.py")
+    r = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    stale = tmp_path / "README.md"  # a changed figure is caught
+    readme = open(os.path.join(os.path.dirname(script), "..", "README.md")).read()
+    stale.write_text(readme.replace("**1.78x**", "**9.99x**", 1))
+    r = subprocess.run([sys.executable, script, "--check", "--readme", str(stale)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "out of date" in r.stderr
+
+
+@pytest.mark.dist
+def test_bench_under_torchrun_shares_the_batch_and_measures_the_same_errors(tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    args = ["bench", "diffusion", "--samplers", "ddim", "--batch", "2", "--repeats", "1", "--tol", "0.01"]
+    assert main([*args, "--json", str(one)]) == 0
+    r = torchrun(*args, "--json", str(two))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [(x["method"], x["batch"], x["processes"]) for x in b] == [(x["method"], 2, 2) for x in a]
+    for x, y in zip(a, b):  # one image per rank: the same images as the one-process batch of two, so the same errors
+        assert y["max_abs_err"] == pytest.approx(x["max_abs_err"], rel=1e-3, abs=1e-5)
+        assert y["rounds"] >= 1 and y["wall_s_median"] > 0
+    r = torchrun("bench", "var", "--batch", "2", "--repeats", "1")
+    assert r.returncode == 2 and "bench var runs in one process" in r.stderr

@@ -214,7 +214,8 @@ calls = []
 def counted(x, t, y):
     calls.append(x.shape[0])
     return eps(x, t, y)
-res = D.sample(counted, x_T, steps, noise=noise, y=torch.tensor([1, 2, 3]), method="picard", window=7, tol=0.01)
+res = D.sample(D.shard(counted), x_T, steps, noise=noise, y=torch.tensor([1, 2, 3]), method="picard", window=7,
+               tol=0.01)
 if not dist.is_initialized() or dist.get_rank() == 0:
     torch.save({{"x": res.x, "rounds": res.rounds, "rows": max(calls)}}, sys.argv[1])
 distributed.finish()

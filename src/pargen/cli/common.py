@@ -23,6 +23,24 @@ def labels_for(model: torch.nn.Module, seeds: list[int], labels: list[int] | Non
     return torch.tensor([s % k for s in seeds])
 
 
+def rank_share(seeds: list[int]) -> list[int]:
+    """This torchrun rank's share of the seeds (all of them in one process); an error if some rank gets none."""
+    from .. import distributed
+
+    _, world = distributed.world()
+    if len(seeds) < world:
+        raise PargenError(f"{len(seeds)} images cannot be shared by {world} processes; use at least {world}")
+    return seeds[distributed.share(len(seeds))]
+
+
+def shared(fn: Callable[[list[int]], torch.Tensor], seeds: list[int]) -> torch.Tensor:
+    """fn(seeds) -> images, run by every torchrun rank on its share of the seeds and gathered (fn(seeds) in one
+    process); right when an image depends only on its seed."""
+    from .. import distributed
+
+    return distributed.gather(fn(rank_share(seeds)))
+
+
 def raster_sampler(model, meta: dict, tok, cfg: float | None = None, method: str = "sequential",
                    window: int | None = None) -> Callable:
     """(labels, generator) -> RasterSample for a raster or c2f checkpoint with its sampling defaults."""
@@ -40,7 +58,12 @@ def raster_sampler(model, meta: dict, tok, cfg: float | None = None, method: str
 def sample_in_chunks(fn: Callable, labels: torch.Tensor, seed: int, desc: str | None = None,
                      size: int = 50) -> torch.Tensor:
     """Images in [-1, 1] for FID: fn(labels chunk, generator) -> sample with `.img` in [0, 1], `size` labels per
-    call, chunk i drawing from a generator seeded seed + i."""
+    call, chunk i drawing from a generator seeded seed + i. Under torchrun the chunks are shared by the ranks and
+    every rank receives all images."""
+    from .. import distributed
+
     chunks = range(0, len(labels), size)
-    return torch.cat([fn(labels[i: i + size], torch.Generator().manual_seed(seed + i)).img
-                      for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)]).mul(2).sub(1)
+    chunks = chunks[distributed.share(len(chunks))]
+    part = torch.cat([fn(labels[i: i + size], torch.Generator().manual_seed(seed + i)).img
+                      for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)])
+    return distributed.gather(part).mul(2).sub(1)

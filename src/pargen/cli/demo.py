@@ -61,8 +61,10 @@ def _diffusion_section(out: Path, quick: bool) -> dict:
     images.save_grid(fast, out / "diffusion_fast.png", nrow=8, scale=3)
     print(f"  diffusion: {n} images sequential {t_seq:.2f}s, {st.describe()} {t_fast:.2f}s")
     records = dm.bench(model, meta, ["ddim"], [1], 2 if quick else 5, 0)
+    dm.plot_convergence(model, meta, out / "diffusion_convergence.png")
     return {"title": "Diffusion with window Picard (MNIST DiT, DDIM)", "records": records,
-            "images": [("sequential DDIM", "diffusion_sequential.png"), (st.describe(), "diffusion_fast.png")],
+            "images": [("sequential DDIM", "diffusion_sequential.png"), (st.describe(), "diffusion_fast.png"),
+                       ("Picard convergence over rounds", "diffusion_convergence.png")],
             "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item():.1e}"}
 
 

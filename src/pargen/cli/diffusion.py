@@ -14,7 +14,7 @@ from ..errors import PargenError
 from ..evaluation import bench as benchmod
 from ..models.denoiser import Denoiser
 from ..samplers import diffusion as D
-from .common import labels_for
+from .common import labels_for, rank_share
 
 METHODS = ("auto", "sequential", "picard", "block")
 DEFAULT_STEPS = {"ddim": 100, "ddpm": 1000, "ode": 50}  # the ODE sampler takes two model calls per step
@@ -75,9 +75,10 @@ def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None
 
 
 def run(model: Denoiser, x_T: torch.Tensor, noise, y, st: Settings, steps: D.Steps, method: str | None = None,
-        **over) -> D.DiffusionSample:
+        split_calls: bool = False, **over) -> D.DiffusionSample:
     st = dataclasses.replace(st, **over)
-    return D.sample(D.noise_predictor(model, st.guidance), x_T, steps, noise=noise, y=y,
+    eps = D.noise_predictor(model, st.guidance)
+    return D.sample(D.shard(eps) if split_calls else eps, x_T, steps, noise=noise, y=y,
                     method=method or st.method, window=st.window, tol=st.tol, block=st.block, sweeps=st.sweeps,
                     anderson=st.anderson)
 
@@ -90,8 +91,10 @@ def make_steps(model: Denoiser, st: Settings) -> D.Steps:
 
 
 def generate(model: Denoiser, seeds: list[int], y: torch.Tensor | None, st: Settings, batch_size: int,
-             device: str = "cpu", progress: bool = True) -> tuple[torch.Tensor, list[D.DiffusionSample]]:
-    """Images for the given seeds, in chunks of batch_size; each image depends only on its seed and label."""
+             device: str = "cpu", progress: bool = True, split_calls: bool = False
+             ) -> tuple[torch.Tensor, list[D.DiffusionSample]]:
+    """Images for the given seeds, in chunks of batch_size; each image depends only on its seed and label.
+    split_calls: every model call is split over the torchrun ranks (`D.shard`)."""
     steps = make_steps(model, st)
     cfg = model.config
     out, runs = [], []
@@ -99,7 +102,8 @@ def generate(model: Denoiser, seeds: list[int], y: torch.Tensor | None, st: Sett
                   desc="sample", dynamic_ncols=True):
         s = seeds[i: i + batch_size]
         x_T, noise = D.draw(s, (cfg.in_channels, cfg.img_size, cfg.img_size), steps, device)
-        res = run(model, x_T, noise, None if y is None else y[i: i + batch_size].to(device), st, steps)
+        res = run(model, x_T, noise, None if y is None else y[i: i + batch_size].to(device), st, steps,
+                  split_calls=split_calls)
         out.append(res.x.clamp(-1, 1).cpu())
         runs.append(res)
     return torch.cat(out), runs
@@ -141,7 +145,7 @@ def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: l
         st = settings(meta, sampler=name, **flags)
         steps = make_steps(model, st)
         for B in batches:
-            seeds = list(range(seed, seed + B))
+            seeds = rank_share(list(range(seed, seed + B)))  # all of them outside torchrun
             x_T, noise = D.draw(seeds, shape, steps)
             y = labels_for(model, seeds, None)
 
@@ -151,7 +155,7 @@ def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: l
                     return res.x, cost(res)
                 return go
 
-            ratio = call_cost_ratio(model, B, st.window, st.guidance)
+            ratio = call_cost_ratio(model, len(seeds), st.window, st.guidance)
             extra = {"sampler": name, "steps": st.steps, "guidance": st.guidance,
                      "call_cost_ratio": round(ratio["ratio"], 2)}
             methods = [benchmod.Method("picard", runner("picard", anderson=0),
@@ -166,3 +170,37 @@ def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: l
             records += benchmod.run("diffusion", benchmod.Method("sequential", runner("sequential"), extra),
                                     methods, batch=B, seed=seed, repeats=repeats)
     return records
+
+
+def plot_convergence(model: Denoiser, meta: dict[str, Any], path, seed: int = 0, **flags) -> None:
+    """Picard convergence over rounds for one image: how many steps are final after each sequential model call,
+    for the checkpoint's window Picard, block Picard and window Picard with Anderson mixing (sequential: one
+    step per call)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = settings(meta, **flags)
+    steps = make_steps(model, st)
+    shape = (model.config.in_channels, model.config.img_size, model.config.img_size)
+    x_T, noise = D.draw([seed], shape, steps)
+    y = labels_for(model, [seed], None)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([0, steps.n], [0, steps.n], "k--", lw=1, label=f"sequential ({steps.n} rounds)")
+    aa = st.anderson or 3
+    for label, method, depth in [("window Picard", "picard", 0), ("block Picard", "block", 0),
+                                 (f"window Picard + Anderson {aa}", "picard", aa)]:
+        trace = []
+        res = D.sample(D.noise_predictor(model, st.guidance), x_T, steps, noise=noise, y=y, method=method,
+                       window=st.window, tol=st.tol, block=st.block, sweeps=st.sweeps, anderson=depth,
+                       callback=trace.append)
+        ax.plot(range(len(trace) + 1), [0] + [t["committed"] for t in trace], label=f"{label} ({res.rounds} rounds)")
+    ax.set_xlabel("sequential model calls (rounds)")
+    ax.set_ylabel("steps final")
+    ax.set_title(f"{st.sampler} {steps.n} steps, window {st.window}, tol {st.tol:g}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -14,7 +14,7 @@ from ..evaluation import bench as benchmod
 from ..evaluation import calibrate as cal
 from ..models.tarflow import TarFlow
 from ..samplers import flow
-from .common import labels_for
+from .common import labels_for, rank_share
 
 METHODS = ("auto", "sequential", "jacobi", "gs-jacobi")
 DEFAULT_TOL = 1e-5
@@ -75,7 +75,7 @@ def bench(model: TarFlow, ckpt: Path, batches: list[int], repeats: int, tol: flo
     """Sequential vs Jacobi vs GS-Jacobi (calibrated plan) on the same noise, per batch size."""
     records = []
     for B in batches:
-        seeds = list(range(seed, seed + B))
+        seeds = rank_share(list(range(seed, seed + B)))  # all of them outside torchrun
         z = flow.noise(model, seeds)
         y = labels_for(model, seeds, None)
 

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from .. import distributed
 
 
 @dataclass
@@ -26,20 +30,35 @@ class Method:
 
 
 def _time(m: Method, repeats: int, warmup: int) -> tuple[Tensor, dict[str, Any], list[float]]:
+    """Under torchrun each rank runs its share of the batch: runs start together (barrier), a run's time is the
+    slowest rank's, so are its rounds and nfe, and the output is every rank's rows in rank order."""
+    _, world = distributed.world()
     for _ in range(warmup):
         m.run()
     times = []
     out, cost = None, {}
     for _ in range(repeats):
+        if world > 1:
+            dist.barrier()
         t0 = time.perf_counter()
         out, cost = m.run()
-        times.append(time.perf_counter() - t0)
-    return out, cost, times
+        took = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(took, op=dist.ReduceOp.MAX)
+        times.append(float(took))
+    if world > 1:  # the batch's cost is its slowest share's
+        for k in ("rounds", "nfe"):
+            if isinstance(cost.get(k), int):
+                v = torch.tensor(cost[k])
+                dist.all_reduce(v, op=dist.ReduceOp.MAX)
+                cost = {**cost, k: int(v)}
+    return distributed.gather(out), cost, times
 
 
 def run(family: str, baseline: Method, methods: list[Method], *, batch: int, seed: int, repeats: int = 5,
         warmup: int = 1) -> list[dict[str, Any]]:
-    """Time the baseline and each method; errors are measured against the baseline's output."""
+    """Time the baseline and each method; errors are measured against the baseline's output. Under torchrun,
+    `batch` is the whole batch and each method runs on this rank's share of it (see `_time`)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     ref, ref_cost, ref_times = _time(baseline, repeats, warmup)
@@ -51,6 +70,7 @@ def run(family: str, baseline: Method, methods: list[Method], *, batch: int, see
         diff = (out.double() - ref.double()) if m.compare else None
         records.append({
             "family": family, "method": m.name, "baseline": baseline.name, "batch": batch, "seed": seed,
+            "processes": distributed.world()[1],
             "rounds": cost.get("rounds"), "nfe": cost.get("nfe"),
             "wall_s_median": med, "wall_s_min": min(times), "speedup": ref_med / med,
             "max_abs_err": None if diff is None else diff.abs().max().item(),

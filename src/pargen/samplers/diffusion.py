@@ -19,7 +19,7 @@ second copy of the iteration):
 Timesteps use diffusers' "leading" spacing and its conventions (final alpha-bar 1, DDPM "fixed_small" variance),
 so the steps equal `DDIMParallelScheduler` / `DDPMParallelScheduler` ones (tested). x0 is not clipped.
 The noise predictor is any callable eps(x, t, y): pargen's `Denoiser` or a `diffusers` `UNet2DModel` (see
-`noise_predictor`). Under torchrun, each model call is split across ranks and gathered (`shard`).
+`noise_predictor`). Under torchrun, `shard(eps)` splits each model call across the ranks and gathers it.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .. import distributed
 from ..rng import SampleRNG
 from . import fixed_point as fp
 
@@ -124,21 +124,15 @@ def noise_predictor(model: torch.nn.Module, guidance: float = 1.0) -> EpsFn:
 
 
 def shard(eps: EpsFn) -> EpsFn:
-    """Split every call's rows across the torchrun ranks (contiguous chunks) and all-gather the results."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Split every call's rows across the torchrun ranks (contiguous shares) and gather the results, so one
+    window's model call runs on all processes (the same result as one process)."""
+    if distributed.world()[1] == 1:
         return eps
-    world, rank = dist.get_world_size(), dist.get_rank()
 
     def call(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        n = x.shape[0]
-        per = -(-n // world)
-        lo, hi = min(rank * per, n), min((rank + 1) * per, n)
-        part = eps(x[lo:hi], t[lo:hi], None if y is None else y[lo:hi]) if hi > lo else x[:0]
-        buf = x.new_zeros((per,) + x.shape[1:])
-        buf[: hi - lo] = part
-        parts = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(parts, buf)
-        return torch.cat(parts)[:n]
+        mine = distributed.share(x.shape[0])
+        part = eps(x[mine], t[mine], None if y is None else y[mine]) if mine.stop > mine.start else x[:0]
+        return distributed.gather(part)
 
     return call
 
@@ -242,7 +236,7 @@ def sample(eps: EpsFn, x_T: Tensor, steps: Steps, *, noise: Tensor | None = None
     if noise is not None and noise.shape != (x_T.shape[0], steps.n) + x_T.shape[1:]:
         raise ValueError(f"noise must have shape {(x_T.shape[0], steps.n) + tuple(x_T.shape[1:])}, "
                          f"got {tuple(noise.shape)}")
-    op = PicardOperator(shard(eps), steps, x_T, noise, y)
+    op = PicardOperator(eps, steps, x_T, noise, y)
     x0 = x_T[:, None].expand(x_T.shape[0], steps.n, *x_T.shape[1:])
     with torch.no_grad():
         if method == "sequential":

@@ -1,0 +1,123 @@
+"""Regenerate the README's results section from the bench JSON in docs/ (`python docs/make_results.py`).
+
+Every figure in the section is read from a `pargen bench ... --json docs/...` file; `--check` exits 1 when the
+README differs from what the files give (the test suite runs it)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+# (file, what the baseline is) for the files that hold a list of bench records
+SPEED = [("bench_tarflow.json", "TarFlow `tarflow-mnist`"), ("bench_diffusion.json", "diffusion `denoiser-mnist`"),
+         ("bench_diffusion_ddpm.json", "diffusion `denoiser-mnist`"),
+         ("bench_var.json", "VAR `var-mnist` / raster AR `raster-mnist`"),
+         ("bench_ctf.json", "raster AR `raster-mnist` / CTF `c2f-mnist`")]
+
+
+def _num(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "0" if v == 0 else (f"{v:.{digits}g}" if abs(v) >= 1e-3 else f"{v:.1e}")
+    return str(v)
+
+
+def _fid(r: dict) -> str:
+    return f"{r['fid']:.2f}" if r.get("fid") is not None else "-"
+
+
+def speed_rows(records: list[dict], model: str, source: str) -> list[str]:
+    """One row per (sampler, batch, baseline) group: the baseline against its fastest method with an error
+    against it (the same output up to tolerance), and every row without one (another model, or another draw
+    from the same distribution)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r.get("sampler"), r.get("steps"), r["batch"], r["baseline"]), []).append(r)
+    rows = []
+    for (sampler, steps, batch, base_name), rs in groups.items():
+        base = next(r for r in rs if r["method"] == base_name)
+        what = model + (f", {sampler} {steps}" if sampler else "")
+        same = [r for r in rs if r is not base and r["max_abs_err"] is not None and "no-cache" not in r["method"]]
+        other = [r for r in rs if r["max_abs_err"] is None]
+        for r in ([max(same, key=lambda r: r["speedup"])] if same else []) + other:
+            rows.append(f"| {what} | {batch} | {base_name}: {base['rounds']} calls, {base['wall_s_median']:.3g} s | "
+                        f"{r['method']} | {r['rounds']} | **{r['speedup']:.2f}x** | {_num(r['max_abs_err'])} | "
+                        f"{_fid(base)} / {_fid(r)} | `{source}` |")
+    return rows
+
+
+def quality_lines(docs: Path) -> list[str]:
+    lines = ["| measure | baseline | pargen | source |", "|---|---|---|---|"]
+    for name, label in [("bench_ctf.json", "K = 64"), ("bench_ctf_k16.json", "K = 16"),
+                        ("bench_ctf_random_clusters.json", "random clusters")]:
+        path = docs / name
+        if path.exists():
+            b = json.loads(path.read_text())["best"]
+            lines.append(f"| FID / IS, raster AR vs coarse-to-fine ({label}), best guidance | "
+                         f"{b['raster']['fid']:.2f} / {b['raster']['is']:.2f} (guidance {b['raster']['guidance']:g}) | "
+                         f"{b['ctf']['fid']:.2f} / {b['ctf']['is']:.2f} (guidance {b['ctf']['guidance']:g}) | "
+                         f"`{name}` |")
+    path = docs / "bench_ctf.json"
+    if path.exists():
+        sjd = {r["model"]: r for r in json.loads(path.read_text())["sjd"]}
+        for m, seq in json.loads(path.read_text())["best"].items():
+            if m in sjd:
+                lines.append(f"| FID, {m} sequential vs speculative Jacobi decoding | {seq['fid']:.2f} | "
+                             f"{sjd[m]['fid']:.2f} | `bench_ctf.json` |")
+    path = docs / "bench_lowrank.json"
+    if path.exists():
+        lr = json.loads(path.read_text())
+        m = lr["model"]
+        lines += [f"| VAR attention cost exponent in the final side n (n = {lr['fit_from']}..{lr['rows'][-1]['n']}) | "
+                  f"{lr['exponent_exact_s']:.2f} (exact) | {lr['exponent_lowrank_s']:.2f} (low-rank, "
+                  f"{lr['kind']} degree {lr['degree']}) | `bench_lowrank.json` |",
+                  f"| VAR low-rank crossover (measured) | | n = {lr['crossover_n_measured']} | `bench_lowrank.json` |",
+                  f"| FID of `{m['checkpoint']}`, exact vs low-rank attention ({m['fid_n']} samples) | "
+                  f"{m['fid_exact']:.2f} | {m['fid_lowrank']:.2f} ({100 * m['fid_increase']:+.1f}%) | "
+                  "`bench_lowrank.json` |"]
+    return lines
+
+
+def section(docs: Path = DOCS) -> str:
+    head = ["| model | batch | baseline | method | calls | speed-up | max abs err | "
+            "FID base / fast | source |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for name, model in SPEED:
+        path = docs / name
+        if path.exists():
+            doc = json.loads(path.read_text())
+            rows += speed_rows(doc["speed"] if isinstance(doc, dict) else doc, model, name)
+    note = ("Per group, the fastest method with the same output (its error against the baseline), then the "
+            "others. Speed-up = baseline median / method median, in one run. `-` as error: another model (VAR or CTF "
+            "against raster AR) or another draw from the same distribution (speculative Jacobi decoding, `sjd`).")
+    return "\n".join([START, "", *head, *rows, "", note, "", *quality_lines(docs), "", END])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--readme", default=str(DOCS.parent / "README.md"))
+    p.add_argument("--check", action="store_true", help="only check that the README is up to date")
+    args = p.parse_args()
+    readme = Path(args.readme)
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"{readme} has no {START} ... {END} block", file=sys.stderr)
+        return 1
+    new = text[: text.index(START)] + section() + text[text.index(END) + len(END):]
+    if args.check:
+        if new != text:
+            print(f"{readme}: the results section is out of date; run python docs/make_results.py", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    print(f"results section of {readme} regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
