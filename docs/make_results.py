@@ -54,6 +54,7 @@ def speed_rows(records: list[dict], model: str, source: str) -> list[str]:
 def quality_lines(docs: Path) -> list[str]:
     lines = ["| measure | baseline | pargen | source |", "|---|---|---|---|"]
     for name, label in [("bench_ctf.json", "K = 64"), ("bench_ctf_k16.json", "K = 16"),
+                        ("bench_ctf_k256.json", "K = 256"),
                         ("bench_ctf_random_clusters.json", "random clusters")]:
         path = docs / name
         if path.exists():

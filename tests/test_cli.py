@@ -298,4 +298,4 @@ def test_bench_under_torchrun_shares_the_batch_and_measures_the_same_errors(tmp_
         assert y["max_abs_err"] == pytest.approx(x["max_abs_err"], rel=1e-3, abs=1e-5)
         assert y["rounds"] >= 1 and y["wall_s_median"] > 0
     r = torchrun("bench", "var", "--batch", "2", "--repeats", "1")
-    assert r.returncode == 2 and "bench var runs in one process" in r.stderr
+    assert r.returncode != 0 and "bench var runs in one process" in r.stderr  # torchrun exits 1 for a failed rank
