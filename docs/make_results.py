@@ -70,6 +70,14 @@ def quality_lines(docs: Path) -> list[str]:
             if m in sjd:
                 lines.append(f"| FID, {m} sequential vs speculative Jacobi decoding | {seq['fid']:.2f} | "
                              f"{sjd[m]['fid']:.2f} | `bench_ctf.json` |")
+    path = docs / "bench_ctf_codebook.json"
+    if path.exists():
+        recs = json.loads(path.read_text())
+        for V in sorted({r["vocab"] for r in recs}):
+            sp = {r["batch"]: r["speedup"] for r in recs if r["vocab"] == V and r["method"] == "ctf"}
+            lines.append(f"| CTF sampling speed-up over raster AR, codebook V = {V} (bundled widths, random weights, "
+                         f"tokens only), batch {' / '.join(map(str, sp))} | 1x | "
+                         f"{' / '.join(f'{v:.2f}x' for v in sp.values())} | `bench_ctf_codebook.json` |")
     path = docs / "bench_lowrank.json"
     if path.exists():
         lr = json.loads(path.read_text())

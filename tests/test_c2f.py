@@ -61,6 +61,21 @@ def test_sampling_keeps_fine_labels_in_their_clusters_when_masked(setup, mask):
     assert torch.equal(j.tokens, r.tokens) and j.rounds <= 17  # Jacobi decoding of stage 1: same images
 
 
+def test_members_table_and_draw_among_members_follow_the_masked_softmax(setup):
+    model, _ = setup
+    table = model.members()
+    for k in range(model.config.coarse):
+        assert sorted(v for v in table[k].tolist() if v >= 0) == torch.nonzero(model.assign == k).flatten().tolist()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 1, model.config.vocab_size, generator=g).mul(2).expand(40_000, 1, -1)
+    cand = table[3].expand(40_000, 1, -1)
+    draws = AR.pick_among(logits, cand, AR.gumbel_noise(40_000, 1, table.shape[1], g), 1.0)[:, 0]
+    want = logits[0, 0].masked_fill(model.assign != 3, -torch.inf).softmax(-1)
+    freq = torch.bincount(draws, minlength=model.config.vocab_size).double() / len(draws)
+    assert freq[model.assign != 3].sum() == 0  # only members are drawn ...
+    assert (freq - want.double()).abs().max() < 0.01  # ... with the masked softmax's probabilities (4 sigma)
+
+
 def test_training_lowers_both_losses_from_uniform():
     from pargen import data
     from pargen.training.loop import TrainConfig, train

@@ -74,6 +74,16 @@ class C2F(nn.Module):
     def _aux(self, labels: Tensor, coarse: Tensor) -> Tensor:
         return self.aux.run(self.aux.embed(labels, coarse))[:, 1:]
 
+    def members(self) -> Tensor:
+        """(K, m) the fine labels of each coarse label, padded with -1 to the largest cluster's size m."""
+        order = torch.argsort(self.assign, stable=True)
+        counts = torch.bincount(self.assign, minlength=self.config.coarse)
+        start = torch.cumsum(counts, 0) - counts
+        table = torch.full((self.config.coarse, int(counts.max())), -1, dtype=torch.long, device=self.assign.device)
+        grouped = self.assign[order]
+        table[grouped, torch.arange(len(order), device=order.device) - start[grouped]] = order
+        return table
+
     def fine_logits(self, labels: Tensor, coarse: Tensor, mask_to_cluster: bool = False) -> Tensor:
         """Stage-2 logits (B, N, V), -inf outside each coarse label's cluster when masked."""
         logits = self._aux(labels, coarse)

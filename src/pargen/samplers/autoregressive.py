@@ -189,6 +189,13 @@ def pick(logits: Tensor, noise: Tensor | None, temperature: float, top_k: int, t
     return (top_k_top_p(logits / temperature, top_k, top_p) + noise).argmax(-1)
 
 
+def pick_among(logits: Tensor, cand: Tensor, noise: Tensor | None, temperature: float) -> Tensor:
+    """`pick` restricted to candidates: logits (..., V), cand (..., m) token ids with -1 as padding, noise
+    (..., m); a draw from softmax(logits / T) over the candidates, at the cost of m entries instead of V."""
+    sub = logits.gather(-1, cand.clamp(min=0)).masked_fill(cand < 0, -torch.inf)
+    return cand.gather(-1, pick(sub, noise, temperature, 0, 0.0)[..., None])[..., 0]
+
+
 class RasterOperator:
     """Token i = pick(logits_i(class, tokens < i), g_i) as a causal operator for the fixed-point engine: with the
     noise drawn up front, sampling is a deterministic triangular system, so sequential decoding is `window=1` and
@@ -325,10 +332,17 @@ def sample_c2f(model: C2F, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperat
     False. Gumbel noise for stage 1, then for stage 2, is drawn from `generator` up front."""
     c = model.config
     B, N = labels.shape[0], c.grid * c.grid
+    # masked, a fine label is drawn among its cluster's m members only: noise and draw over m, not V, entries
+    table = model.members() if mask_to_cluster else None
     n1 = gumbel_noise(B, N, c.coarse, generator, labels.device) if temperature > 0 and method != "sjd" else None
-    n2 = gumbel_noise(B, N, c.vocab_size, generator, labels.device) if aux_temperature > 0 else None
+    n2 = gumbel_noise(B, N, c.vocab_size if table is None else table.shape[1], generator, labels.device) \
+        if aux_temperature > 0 else None
     coarse, rounds, nfe, res = raster_tokens(model.stage1, labels, cfg, temperature, top_k, top_p, n1, method,
                                              window, generator=generator)
-    fine = pick(model.fine_logits(labels, coarse, mask_to_cluster), n2, aux_temperature, 0, 0.0)
+    logits = model.fine_logits(labels, coarse)
+    if table is None:
+        fine = pick(logits, n2, aux_temperature, 0, 0.0)
+    else:
+        fine = pick_among(logits, table[coarse], n2, aux_temperature)
     img = vq.indices_to_img(fine).add(1).mul(0.5)
     return RasterSample(img, fine, labels, rounds=rounds + 1, nfe=nfe + N, result=res, coarse=coarse)
