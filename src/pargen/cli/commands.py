@@ -14,7 +14,8 @@ from tqdm import tqdm
 from .. import checkpoint, data, registry
 from ..errors import PargenError
 from ..evaluation.bench import write_json
-from .common import labels_for, raster_sampler, sample_in_chunks, shared
+from ..nn.attention import KVCache
+from .common import labels_for, raster_sampler, raster_settings, sample_in_chunks, shared
 
 
 def add_parsers(sub, positive_int, nonneg_float) -> None:
@@ -268,28 +269,23 @@ def _generate_here(args, model, meta, path, seeds: list[int], y, progress: bool)
                f"top-p {args.top_p:g}{lowrank}"
         unit = "token"
     elif meta["family"] in ("raster", "c2f"):
-        from ..samplers import autoregressive as AR
-
         tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
-        defaults = meta.get("sample_defaults", {})
-        cfg = defaults.get("guidance", 1.0) if args.cfg is None else args.cfg
-        temp = defaults.get("temperature", 1.0) if args.temperature is None else args.temperature
         method = "sequential" if args.method == "auto" else args.method
         if method not in ("sequential", "jacobi", "sjd"):
             raise PargenError(f"raster AR models sample with --method sequential, jacobi or sjd, not {args.method}")
-        kw = dict(cfg=cfg, temperature=temp, top_k=args.top_k, top_p=args.top_p, method=method, window=args.window)
-        if meta["family"] == "c2f":
-            aux_temp = defaults.get("aux_temperature", 1.0) if args.aux_temperature is None else args.aux_temperature
-            kw.update(aux_temperature=aux_temp, mask_to_cluster=not args.no_cluster_mask)
+        settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        aux_temperature=args.aux_temperature, mask_to_cluster=False if args.no_cluster_mask else None,
+                        method=method, window=args.window)
+        kw = raster_settings(meta, **settings)
+        fn = raster_sampler(model, meta, tok, **settings)
         imgs, runs = [], []
         for s, lab in zip(tqdm(seeds, disable=not progress or len(seeds) < 16, desc="sample"), y):
-            g = torch.Generator(device=args.device).manual_seed(s)
-            fn = AR.sample_c2f if meta["family"] == "c2f" else AR.sample_raster
-            r = fn(model, tok, lab.view(1).to(args.device), generator=g, **kw)
+            r = fn(lab.view(1).to(args.device), torch.Generator(device=args.device).manual_seed(s))
             imgs.append(r.img.mul(2).sub(1).cpu())
             runs.append(r)
         x = torch.cat(imgs)
         what = "coarse-to-fine" if meta["family"] == "c2f" else "raster AR"
+        cfg, temp = kw["cfg"], kw["temperature"]
         desc = f"{what} {method}, {len(r.tokens[0])} tokens, cfg {cfg:g}, temperature {temp:g}" + \
             (f" / {kw['aux_temperature']:g}, cluster mask {'on' if kw['mask_to_cluster'] else 'off'}"
              if "aux_temperature" in kw else "") + f", top-k {args.top_k}, top-p {args.top_p:g}"
@@ -535,7 +531,7 @@ def _bench_var(args) -> int:
 
         branches = 2  # VAR always runs the conditional and the unconditional branch
         var_kv = benchmod.Method("kv-cache", var_run(True),
-                                 {"kv_cache_mib": 2 * c.depth * branches * B * c.L * c.C * 4 / 2**20})
+                                 {"kv_cache_mib": KVCache.bytes_for(c.depth, branches * B, c.L, c.C) / 2**20})
         records += benchmod.run("var", benchmod.Method("no-kv-cache", var_run(False)), [var_kv],
                                 batch=B, seed=args.seed, repeats=args.repeats)
         if raster:
@@ -552,7 +548,7 @@ def _bench_var(args) -> int:
 
             nb = 1 if rcfg == 1 else 2
             base = benchmod.Method("raster-ar", raster_run("sequential"),
-                                   {"kv_cache_mib": 2 * rc.depth * nb * B * rc.tokens * rc.width * 4 / 2**20})
+                                   {"kv_cache_mib": KVCache.bytes_for(rc.depth, nb * B, rc.tokens, rc.width) / 2**20})
             records += benchmod.run("var", base, [
                 benchmod.Method("raster-ar-jacobi", raster_run("jacobi")),  # same tokens, fewer calls?
                 dataclasses.replace(var_kv, name="var-kv-cache", compare=False)],  # another model: a ratio only
@@ -617,7 +613,7 @@ def _bench_lowrank(args) -> int:
                     "max_logit_bound": max(max(r["logit_bound"]) for r in rep["layers"]),
                     "attn_output_rel_err_per_layer": errs, "loss_exact": rep["loss_exact"],
                     "loss_lowrank": rep["loss_lowrank"],
-                    "kv_cache_bytes_per_image": 2 * 2 * c.depth * c.L * c.C * 4,
+                    "kv_cache_bytes_per_image": KVCache.bytes_for(c.depth, 2, c.L, c.C),  # both guidance branches
                     "state_bytes_per_image": 2 * c.depth * c.H * (spec.rank(hd) * hd + spec.rank(hd)) * 4}
     m = res["model"]
     print(f"{path.name}: head scales capped at {c.attn_scale_cap:g} (max logit bound {m['max_logit_bound']:.2f}); "

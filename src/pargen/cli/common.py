@@ -41,18 +41,27 @@ def shared(fn: Callable[[list[int]], torch.Tensor], seeds: list[int]) -> torch.T
     return distributed.gather(fn(rank_share(seeds)))
 
 
-def raster_sampler(model, meta: dict, tok, cfg: float | None = None, method: str = "sequential",
-                   window: int | None = None) -> Callable:
-    """(labels, generator) -> RasterSample for a raster or c2f checkpoint with its sampling defaults."""
+def raster_settings(meta: dict, cfg: float | None = None, temperature: float | None = None, top_k: int = 0,
+                    top_p: float = 0.0, aux_temperature: float | None = None, mask_to_cluster: bool | None = None,
+                    method: str = "sequential", window: int | None = None) -> dict:
+    """Sampler keywords for a raster or c2f checkpoint: its `sample_defaults` where an argument is None."""
+    d = meta.get("sample_defaults", {})
+    kw = dict(cfg=d.get("guidance", 1.0) if cfg is None else cfg,
+              temperature=d.get("temperature", 1.0) if temperature is None else temperature,
+              top_k=top_k, top_p=top_p, method=method, window=window)
+    if meta["family"] == "c2f":
+        kw.update(aux_temperature=d.get("aux_temperature", 1.0) if aux_temperature is None else aux_temperature,
+                  mask_to_cluster=d.get("mask_to_cluster", True) if mask_to_cluster is None else mask_to_cluster)
+    return kw
+
+
+def raster_sampler(model, meta: dict, tok, **settings) -> Callable:
+    """(labels, generator) -> RasterSample for a raster or c2f checkpoint (`raster_settings` keywords)."""
     from ..samplers import autoregressive as AR
 
-    d = meta.get("sample_defaults", {})
-    kw = dict(cfg=d.get("guidance", 1.0) if cfg is None else cfg, temperature=d.get("temperature", 1.0),
-              method=method, window=window)
-    if meta["family"] == "c2f":
-        kw.update(aux_temperature=d.get("aux_temperature", 1.0), mask_to_cluster=d.get("mask_to_cluster", True))
-        return lambda y, g: AR.sample_c2f(model, tok, y, generator=g, **kw)
-    return lambda y, g: AR.sample_raster(model, tok, y, generator=g, **kw)
+    kw = raster_settings(meta, **settings)
+    fn = AR.sample_c2f if meta["family"] == "c2f" else AR.sample_raster
+    return lambda y, g: fn(model, tok, y, generator=g, **kw)
 
 
 def sample_in_chunks(fn: Callable, labels: torch.Tensor, seed: int, desc: str | None = None,

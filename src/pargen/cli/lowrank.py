@@ -132,7 +132,7 @@ def cost_model(n: int, head_dim: int, spec: LR.PolySpec) -> dict[str, Any]:
         seen += b
         per.append({"side": p, "tokens": b, "exact_flops": 4 * b * seen * d,  # q k^T and (softmax) v
                     "lowrank_flops": 4 * b * r * d + 2 * b * r * spec.degree,  # state update, read, monomials
-                    "kv_cache_bytes": 2 * seen * d * 4, "state_bytes": (r * d + r) * 4})
+                    "kv_cache_bytes": KVCache.bytes_for(1, 1, seen, d), "state_bytes": (r * d + r) * 4})
     return {"tokens": seen, "exact_flops": sum(q["exact_flops"] for q in per),
             "lowrank_flops": sum(q["lowrank_flops"] for q in per), "kv_cache_bytes": per[-1]["kv_cache_bytes"],
             "state_bytes": per[-1]["state_bytes"], "rank": r, "per_scale": per}

@@ -27,6 +27,11 @@ class KVCache:
         shape = (layers, batch, heads, max_len, head_dim)
         return cls(like.new_empty(shape), like.new_empty(shape), 0)
 
+    @staticmethod
+    def bytes_for(layers: int, rows: int, tokens: int, width: int, itemsize: int = 4) -> int:
+        """Memory of the keys and values of `tokens` positions (width = heads x head_dim) in `layers` layers."""
+        return 2 * layers * rows * tokens * width * itemsize
+
     def commit(self, m: int) -> None:
         if self.length + m > self.k.shape[3]:
             raise ValueError(f"cache overflow: {self.length} + {m} > {self.k.shape[3]}")
