@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pargen.cli.main import main
@@ -52,8 +53,6 @@ def test_train_then_sample_then_eval(tmp_path):
 
 
 def test_calibrate_tarflow_saves_a_plan_per_batch_that_meets_the_error_target(tmp_path):
-    import torch
-
     from pargen import checkpoint
     from pargen.evaluation import calibrate as cal
     from pargen.samplers import flow
@@ -143,16 +142,41 @@ def test_train_tokenizer_then_var_on_it(tmp_path):
 
 
 def test_diffusion_auto_is_parallel_only_where_it_was_measured_to_win():
-    from pargen import checkpoint
     from pargen.cli import diffusion as dm
 
-    meta = checkpoint.read_meta(checkpoint.resolve("denoiser-mnist"))
-    limit = meta["sample_defaults"]["parallel_max_batch"]
-    assert dm.settings(meta, batch=limit).method == "picard"
-    assert dm.settings(meta, batch=limit + 1).method == "sequential"
+    meta = {"sample_defaults": {"guidance": 3.0, "parallel": {
+        "ddim": {"method": "picard", "window": 4, "tol": 0.01, "max_batch": 2},
+        "ode": {"method": "picard", "window": 8, "tol": 0.001, "max_batch": 0}}}}
+    assert dm.settings(meta, batch=2).method == "picard" and dm.settings(meta, batch=2).window == 4
+    assert dm.settings(meta, batch=3).method == "sequential"
+    assert dm.settings(meta, sampler="ode", batch=1).method == "sequential"  # never measured to win
     assert dm.settings(meta, method="block", batch=64).method == "block"  # an explicit method is kept
     st = dm.settings(meta, sampler="ddpm")
     assert (st.steps, st.window, st.guidance) == (1000, 16, 3.0)
+
+
+def test_calibrate_diffusion_stores_settings_within_the_error_against_sequential(tmp_path):
+    from pargen import checkpoint
+    from pargen.cli import diffusion as dm
+    from pargen.samplers import diffusion as D
+
+    out = tmp_path / "dn"
+    assert main(["train", "denoiser-tiny", "--data", "digits", "--steps", "5", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    assert main(["calibrate", "diffusion", str(out), "--samplers", "ddim", "--steps", "20", "--seeds", "2",
+                 "--max-err", "1e-3", "--batch", "1", "2"]) == 0
+    model, meta = checkpoint.load(out)
+    rec = meta["sample_defaults"]["parallel"]["ddim"]
+    assert rec["window"] in dm.WINDOWS and rec["tol"] in dm.TOLS and rec["max_batch"] in (0, 1, 2)
+    st = dm.settings(meta, steps=20, method="picard")
+    steps = dm.make_steps(model, st)
+    x_T, noise = D.draw([1000, 1001], (1, 8, 8), steps)
+    y = torch.tensor([0, 1])
+    ref = dm.run(model, x_T, noise, y, st, steps, method="sequential").x
+    got = dm.run(model, x_T, noise, y, st, steps)  # the stored window and tolerance, checked here again
+    err = float((got.x - ref).abs().max())
+    assert err == pytest.approx(rec["max_abs_err"], abs=1e-7) and err <= 1e-3
+    assert got.rounds == rec["rounds"] < 20
 
 
 DEMO_IMAGES = ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png", "diffusion_sequential.png",

@@ -157,19 +157,32 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     a.add_argument("--max-err", type=nonneg_float, default=0.01, help="attention-output error allowed per layer")
     a.add_argument("--json", default=None, help="write the report here")
 
-    c = sub.add_parser("calibrate", help="choose per-block GS-Jacobi plans automatically (TarFlow)",
-                       description="Computes CRM / IGM per block on training images, then times every candidate "
-                                   "strategy per block on the sampler's own inputs and saves the fastest plan "
-                                   "within the error target next to the checkpoint (CKPT.plan.json).")
-    c.add_argument("family", choices=["tarflow"])
+    c = sub.add_parser("calibrate", help="choose the parallel sampler's settings automatically (TarFlow, diffusion)",
+                       description="tarflow: computes CRM / IGM per block on training images, then times every "
+                                   "candidate strategy per block on the sampler's own inputs and saves the fastest "
+                                   "plan within the error target next to the checkpoint (CKPT.plan.json). "
+                                   "diffusion: per sampler and Picard window, the loosest tolerance whose images "
+                                   "stay within --max-err of the sequential sampler's; the fastest is stored in the "
+                                   "checkpoint's JSON with the largest batch at which it still wins, and `--method "
+                                   "auto` uses it.")
+    c.add_argument("family", choices=["tarflow", "diffusion"])
     c.add_argument("checkpoint")
-    c.add_argument("--data", default=None, help="training data for CRM/IGM (default: the checkpoint's)")
-    c.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16])
-    c.add_argument("--tol", type=nonneg_float, default=1e-5)
-    c.add_argument("--target-err", type=nonneg_float, default=1e-4, help="end-to-end relative error allowed")
+    c.add_argument("--data", default=None, help="tarflow: training data for CRM/IGM (default: the checkpoint's)")
+    c.add_argument("--batch", type=positive_int, nargs="+", default=None,
+                   help="batch sizes to plan for (tarflow: 1 16; diffusion: 1 2 4 16)")
+    c.add_argument("--tol", type=nonneg_float, default=1e-5, help="tarflow: starting per-position tolerance")
+    c.add_argument("--target-err", type=nonneg_float, default=1e-4,
+                   help="tarflow: end-to-end relative error allowed")
+    c.add_argument("--max-err", type=nonneg_float, default=2e-3,
+                   help="diffusion: max abs pixel error allowed against the sequential sampler ([-1, 1] scale)")
+    c.add_argument("--samplers", choices=["ddim", "ddpm", "ode"], nargs="+", default=["ddim", "ode"],
+                   help="diffusion samplers to calibrate (ddpm takes 1000 steps: minutes)")
+    c.add_argument("--seeds", type=positive_int, default=4, help="diffusion: calibration images")
+    c.add_argument("--steps", type=positive_int, default=None,
+                   help="diffusion: sampler steps (default: ddim 100, ddpm 1000, ode 50)")
     c.add_argument("--cfg", type=nonneg_float, default=None)
     c.add_argument("--seed", type=int, default=1000)
-    c.add_argument("--plot", default=None, help="residual-vs-iteration plot PNG")
+    c.add_argument("--plot", default=None, help="tarflow: residual-vs-iteration plot PNG")
 
     v = sub.add_parser("convert", help="convert official checkpoints (apple/ml-tarflow, FoundationVision/VAR)",
                        description="tarflow: an ml-tarflow .pth -> one pargen checkpoint. var: var_d*.pth plus its "
@@ -329,6 +342,7 @@ def cmd_analyze(args) -> int:
     y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(args.device)
     specs = [PolySpec(g, k) for k in args.kinds for g in args.degrees]
     hd = model.config.C // model.config.H
+    # tighter than nn/lowrank.MAX_RANK: analyze holds the features of every token of --n images at once
     too_big = [s for s in specs if s.rank(hd) > 20_000]
     if too_big:
         raise PargenError(f"degree {too_big[0].degree} on head dimension {hd} means rank {too_big[0].rank(hd):,}; "
@@ -484,7 +498,10 @@ def _bench_diffusion(args) -> int:
                 method = "picard" if r["method"] == "picard+anderson" else r["method"]
                 st = dm.dataclasses.replace(st, method=method, anderson=r.get("anderson", 0))
                 print(f"  FID of {args.fid} images: {st.describe()}")
-                fake = shared(lambda s: dm.generate(model, s, labels_for(model, s, None), st, 50, args.device)[0],
+                # an image depends only on its seed, so any batch size gives the same images: the sequential
+                # sampler runs 50 at a time, the parallel one one at a time, where its window costs least
+                bs = 50 if method == "sequential" else 1
+                fake = shared(lambda s: dm.generate(model, s, labels_for(model, s, None), st, bs, args.device)[0],
                               seeds)
                 fids[key] = metrics.scores(real, fake, feats)["fid"]
             r["fid"], r["fid_n"] = fids[key], args.fid
@@ -675,14 +692,34 @@ def cmd_calibrate(args) -> int:
     from . import tarflow as tf
 
     model, meta, path = _load(args.checkpoint, args.device)
-    if meta["family"] != "tarflow":
-        raise PargenError(f"{path} is not a TarFlow checkpoint")
+    if meta["family"] != {"tarflow": "tarflow", "diffusion": "denoiser"}[args.family]:
+        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a {args.family} one")
+    if args.family == "diffusion":
+        return _calibrate_diffusion(args, model, meta, path)
+    args.batch = args.batch or [1, 16]
     ds = data.load(args.data or meta.get("data") or "mnist", "train", meta.get("size"))
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:256]
     y = ds.labels[idx] if (ds.labels is not None and model.config.num_classes) else None
     guidance = tf.default_guidance(meta, args.cfg, None, None)
     tf.calibrate(model, path, ds.float(idx), y, args.batch, args.tol, args.target_err, guidance, args.seed,
                  Path(args.plot) if args.plot else None)
+    return 0
+
+
+def _calibrate_diffusion(args, model, meta: dict, path: Path) -> int:
+    import json
+
+    from . import diffusion as dm
+
+    found = dm.calibrate(model, meta, args.samplers, args.max_err, list(range(args.seed, args.seed + args.seeds)),
+                         args.batch or [1, 2, 4, 16], cfg=args.cfg, steps=args.steps)
+    meta = checkpoint.read_meta(path)  # the file as it stands, updated with the calibrated settings only
+    parallel = meta.setdefault("sample_defaults", {}).setdefault("parallel", {})
+    for name, rec in found.items():
+        parallel[name] = {**parallel.get(name, {}), **rec}
+    jpath = checkpoint.stem(path).with_name(checkpoint.stem(path).name + ".json")
+    checkpoint.atomic_write(jpath, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    print(f"settings saved to {jpath} (sample_defaults.parallel)")
     return 0
 
 

@@ -1,9 +1,8 @@
-"""Diffusion glue for the CLI: sampler settings from flags and checkpoint defaults, batched generation, bench."""
+"""Diffusion glue for the CLI: sampler settings from flags and checkpoint defaults, batched generation, bench and
+calibration of the window Picard settings against the sequential sampler."""
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +50,11 @@ def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None
              cfg: float | None = None, method: str = "auto", window: int | None = None, tol: float | None = None,
              block: int | None = None, sweeps: int | None = None, anderson: int | None = None,
              batch: int = 1) -> Settings:
-    """Flags over the checkpoint's tuned defaults (`sample_defaults` in its JSON, per sampler).
+    """Flags over the checkpoint's calibrated defaults (`sample_defaults.parallel` in its JSON, per sampler; see
+    `calibrate`).
 
-    "auto" is the tuned parallel method up to `parallel_max_batch` images per batch (where it was measured to
-    win) and the sequential sampler above."""
+    "auto" is the calibrated parallel method up to its `max_batch` images per batch (where it was measured to win)
+    and the sequential sampler above."""
     d = meta.get("sample_defaults", {})
     sampler = sampler or d.get("sampler", "ddim")
     if sampler not in D.SAMPLERS:
@@ -66,7 +66,7 @@ def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None
     s = Settings(sampler=sampler, steps=steps or DEFAULT_STEPS[sampler], eta=0.0 if eta is None else eta,
                  guidance=d.get("guidance", 1.0) if cfg is None else cfg,
                  method=method if method != "auto" else per.get("method", "picard")
-                 if batch <= d.get("parallel_max_batch", batch) else "sequential",
+                 if batch <= per.get("max_batch", batch) else "sequential",
                  window=pick(window, "window", 16), tol=pick(tol, "tol", 0.1), block=pick(block, "block", 20),
                  sweeps=pick(sweeps, "sweeps", 4), anderson=pick(anderson, "anderson", 0))
     if s.sampler != "ddim" and s.eta:
@@ -119,17 +119,12 @@ def call_cost_ratio(model: Denoiser, batch: int, rows: int, guidance: float, rep
     cfg = model.config
     eps = D.noise_predictor(model, guidance)
 
+    @torch.no_grad()
     def timed(n: int) -> float:
         x = torch.randn(n, cfg.in_channels, cfg.img_size, cfg.img_size)
         t = torch.randint(0, cfg.train_steps, (n,))
         y = torch.zeros(n, dtype=torch.long) if cfg.num_classes else None
-        ts = []
-        with torch.no_grad():
-            for i in range(repeats + 2):
-                t0 = time.perf_counter()
-                eps(x, t, y)
-                ts.append(time.perf_counter() - t0)
-        return statistics.median(ts[2:])
+        return benchmod.median_seconds(lambda: eps(x, t, y), repeats)[1]
 
     one, many = timed(batch), timed(batch * rows)
     return {"call_s": one, "window_call_s": many, "ratio": many / one}
@@ -165,11 +160,79 @@ def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: l
             aa = st.anderson or 3
             methods.append(benchmod.Method("picard+anderson", runner("picard", anderson=aa),
                                            {**extra, "window": st.window, "tol": st.tol, "anderson": aa}))
-            print(f"  {st.describe()}, batch {B}: one call on {B * st.window} images costs {ratio['ratio']:.2f}x "
+            print(f"  {dataclasses.replace(st, method='picard').describe()}, batch {B}: one call on "
+                  f"{B * st.window} images costs {ratio['ratio']:.2f}x "
                   f"one call on {B}")
             records += benchmod.run("diffusion", benchmod.Method("sequential", runner("sequential"), extra),
                                     methods, batch=B, seed=seed, repeats=repeats)
     return records
+
+
+WINDOWS = (2, 4, 8, 16, 32)
+TOLS = (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # loosest first: per window, the first that meets the error
+MARGIN = 0.9  # the parallel sampler must take at most this share of the sequential time (timing noise ~5-10%)
+
+
+def calibrate(model: Denoiser, meta: dict[str, Any], samplers: list[str], max_err: float, seeds: list[int],
+              batches: list[int], cfg: float | None = None, steps: int | None = None, repeats: int = 3,
+              log=print) -> dict[str, dict[str, Any]]:
+    """Window Picard settings per sampler, chosen against the sequential answer (never assumed).
+
+    For every window, the loosest tolerance whose images stay within `max_err` (max abs, [-1, 1] scale) of the
+    sequential sampler's on all calibration seeds; the fastest of these at batch 1 wins if it beats the sequential
+    sampler by more than timing noise. `max_batch`: the largest of `batches` up to which it still does."""
+    shape = (model.config.in_channels, model.config.img_size, model.config.img_size)
+    out = {}
+    for name in samplers:
+        st = settings(meta, sampler=name, steps=steps, cfg=cfg, method="picard")
+        sched = make_steps(model, st)
+
+        def timed(ss: list[int], **over) -> float:  # median seconds of one batch of these seeds
+            x, n = D.draw(ss, shape, sched)
+            yy = labels_for(model, ss, None)
+            return benchmod.median_seconds(lambda: run(model, x, n, yy, st, sched, **over), repeats)[1]
+
+        x_T, noise = D.draw(seeds, shape, sched)
+        y = labels_for(model, seeds, None)
+        ref = run(model, x_T, noise, y, st, sched, method="sequential").x
+        seq_s = timed(seeds[:1], method="sequential")
+        log(f"{st.describe().split(',')[0]}: sequential {seq_s * 1e3:.0f} ms at batch 1; max abs error allowed "
+            f"{max_err:g} on {len(seeds)} seeds")
+        found = []
+        for w in WINDOWS:
+            for tol in TOLS:
+                res = run(model, x_T, noise, y, st, sched, window=w, tol=tol, anderson=0)
+                err = float((res.x - ref).abs().max())
+                if err <= max_err:
+                    sec = timed(seeds[:1], window=w, tol=tol, anderson=0)
+                    found.append({"window": w, "tol": tol, "max_abs_err": err, "rounds": res.rounds,
+                                  "seconds": sec})
+                    log(f"  window {w:3d}: tol {tol:g}, max err {err:.1e}, rounds {res.rounds}, "
+                        f"{sec * 1e3:.0f} ms ({seq_s / sec:.2f}x)")
+                    break
+            else:
+                log(f"  window {w:3d}: no tolerance in {TOLS} reaches {max_err:g}")
+        best = min(found, key=lambda c: c["seconds"], default=None)
+        rec = {"method": "picard", "anderson": 0, "max_batch": 0, "guidance": st.guidance, "steps": st.steps,
+               "max_abs_err_target": max_err, "sequential_s": round(seq_s, 4)}
+        if best is not None:
+            rec.update(window=best["window"], tol=best["tol"], max_abs_err=best["max_abs_err"],
+                       rounds=best["rounds"], speedup=round(seq_s / best["seconds"], 3))
+        if best is not None and best["seconds"] <= MARGIN * seq_s:
+            rec["max_batch"] = 1
+            for B in sorted(b for b in batches if b > 1):
+                ss = list(range(seeds[0], seeds[0] + B))
+                s_seq, s_par = timed(ss, method="sequential"), timed(ss, window=best["window"], tol=best["tol"],
+                                                                     anderson=0)
+                log(f"  batch {B}: sequential {s_seq * 1e3:.0f} ms, window Picard {s_par * 1e3:.0f} ms "
+                    f"({s_seq / s_par:.2f}x)")
+                if s_par > MARGIN * s_seq:
+                    break
+                rec["max_batch"] = B
+        log(f"  -> {name}: " + (f"window {rec['window']}, tol {rec['tol']:g}, up to batch {rec['max_batch']}"
+                                if rec["max_batch"] else "sequential at every batch size"))
+        out[name] = rec
+    return out
 
 
 def plot_convergence(model: Denoiser, meta: dict[str, Any], path, seed: int = 0, **flags) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from typing import Any
 
 import numpy as np
@@ -13,6 +11,7 @@ import torch.nn.functional as F
 
 from ..models.var import VAR
 from ..nn import lowrank as LR
+from ..evaluation.bench import median_seconds
 from ..nn.attention import KVCache, attend
 
 VAR_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR-d16's scales for a 16 x 16 final map
@@ -138,16 +137,6 @@ def cost_model(n: int, head_dim: int, spec: LR.PolySpec) -> dict[str, Any]:
             "state_bytes": per[-1]["state_bytes"], "rank": r, "per_scale": per}
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def time_pyramid(n: int, head_dim: int, spec: LR.PolySpec, repeats: int, seed: int = 0) -> tuple[float, float, float]:
     """Median seconds of one attention head over a whole KV-cached pass, exact and low-rank (unit keys, queries of
@@ -177,7 +166,7 @@ def time_pyramid(n: int, head_dim: int, spec: LR.PolySpec, repeats: int, seed: i
         return o
 
     err = _rel(low(), exact(), dims=(0, 1, 2, 3)).item()
-    return _median_time(exact, repeats), _median_time(low, repeats), err
+    return median_seconds(exact, repeats)[1], median_seconds(low, repeats)[1], err
 
 
 def fit_exponent(ns: list[int], ts: list[float]) -> tuple[float, float]:

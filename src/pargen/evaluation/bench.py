@@ -29,6 +29,17 @@ class Method:
     compare: bool = True  # False: another model (errors against the baseline mean nothing, left empty)
 
 
+def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
+    """(last output, median wall seconds of `repeats` calls after one warm-up call), in this process only."""
+    fn()
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
 def _time(m: Method, repeats: int, warmup: int) -> tuple[Tensor, dict[str, Any], list[float]]:
     """Under torchrun each rank runs its share of the batch: runs start together (barrier), a run's time is the
     slowest rank's, so are its rounds and nfe, and the output is every rank's rows in rank order."""

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from .. import checkpoint
 from ..errors import PargenError
 from ..models.tarflow import TarFlow
 from ..samplers import flow
+from .bench import median_seconds
 
 SEGMENT_CHOICES = (1, 2, 4, 8, 16)
 INITS = ("z", "zero")
@@ -84,16 +83,6 @@ class Candidate:
     rel_err: float
 
 
-def _timed(fn, repeats: int) -> tuple[Any, float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
-
-
 @torch.inference_mode()
 def search(model: TarFlow, noise: Tensor, y: Tensor | None, tol: float, guidance: flow.Guidance,
            err_budget: float, repeats: int = 3, log=print) -> tuple[list[flow.BlockPlan], list[list[Candidate]]]:
@@ -105,7 +94,8 @@ def search(model: TarFlow, noise: Tensor, y: Tensor | None, tol: float, guidance
     for i, k in enumerate(reversed(range(n))):
         z_in = model.patchify(ref.trace[i])
         x_out = model.patchify(ref.trace[i + 1])
-        seq, seq_s = _timed(lambda: flow.invert_block(model, k, z_in, y, flow.SEQUENTIAL, guidance=guidance), repeats)
+        seq, seq_s = median_seconds(lambda: flow.invert_block(model, k, z_in, y, flow.SEQUENTIAL, guidance=guidance),
+                                    repeats)
         cands = [Candidate(T, "z", 0.0, seq_s, seq.iters, 0.0)]
         for s in SEGMENT_CHOICES:
             if s >= T:
@@ -113,7 +103,8 @@ def search(model: TarFlow, noise: Tensor, y: Tensor | None, tol: float, guidance
             for init in INITS:
                 for t in (tol * f for f in TOL_FACTORS):
                     plan = flow.BlockPlan(segments=s, init=init, tol=t)
-                    res, sec = _timed(lambda: flow.invert_block(model, k, z_in, y, plan, guidance=guidance), repeats)
+                    res, sec = median_seconds(lambda: flow.invert_block(model, k, z_in, y, plan, guidance=guidance),
+                                              repeats)
                     err = float((res.x - x_out).norm() / x_out.norm())
                     cands.append(Candidate(s, init, t, sec, res.iters, err))
         ok = [c for c in cands[1:] if c.rel_err <= err_budget and c.seconds <= MARGIN * seq_s]
