@@ -49,9 +49,9 @@ def _diffusion_section(out: Path, quick: bool) -> dict:
     n = 8 if quick else 32  # one image per batch (below): the slowest section
     seeds = list(range(n))
     y = labels_for(model, seeds, None)
-    st = dm.settings(meta)
+    st = dm.settings(meta, method="picard")  # the calibrated window and tolerance, whether or not they win here
     t0 = time.perf_counter()
-    # one image per batch: where the parallel sampler pays on this machine (see `parallel_max_batch`)
+    # one image per batch: where a Picard window costs least on this machine (`max_batch` in the checkpoint JSON)
     seq, _ = dm.generate(model, seeds, y, dm.dataclasses.replace(st, method="sequential"), 1, progress=False)
     t_seq = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -65,7 +65,23 @@ def _diffusion_section(out: Path, quick: bool) -> dict:
     return {"title": "Diffusion with window Picard (MNIST DiT, DDIM)", "records": records,
             "images": [("sequential DDIM", "diffusion_sequential.png"), (st.describe(), "diffusion_fast.png"),
                        ("Picard convergence over rounds", "diffusion_convergence.png")],
-            "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item():.1e}"}
+            "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item():.1e}. "
+                    + _calibration_note(meta)}
+
+
+def _calibration_note(meta: dict) -> str:
+    """What `pargen calibrate diffusion` found per sampler, from the checkpoint JSON."""
+    parts, target = [], None
+    for name, rec in meta.get("sample_defaults", {}).get("parallel", {}).items():
+        if "speedup" in rec:
+            target = rec["max_abs_err_target"]
+            verdict = f"up to batch {rec['max_batch']}" if rec["max_batch"] else "so auto stays sequential"
+            parts.append(f"{name} {rec['steps']} steps: window {rec['window']}, tol {rec['tol']:g}, "
+                         f"{rec['speedup']:.2f}x at batch 1, {verdict}")
+    if not parts:
+        return "This checkpoint is not calibrated (`pargen calibrate diffusion`)."
+    return f"pargen calibrate diffusion (max abs error {target:g} against the sequential images): " + \
+        "; ".join(parts) + "."
 
 
 def _var_section(out: Path, quick: bool) -> dict:
