@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -55,9 +56,12 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                    str(script), str(tmp_path / "two")], check=True, env=env, timeout=300,
-                   capture_output=True)
+    with socket.socket() as sock:  # a free port for the rendezvous (a fixed one may still be held)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(script), str(tmp_path / "two")], env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
     a, _ = checkpoint.load(tmp_path / "one")
     b, _ = checkpoint.load(tmp_path / "two")
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
