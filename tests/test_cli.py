@@ -52,6 +52,26 @@ def test_train_then_sample_then_eval(tmp_path):
     assert r.returncode == 2 and "not a classifier" in r.stderr
 
 
+def test_eval_of_a_tokenizer_reports_its_reconstruction_error_and_codebook_usage(tmp_path):
+    from pargen import checkpoint, data
+
+    out, js = tmp_path / "vq", tmp_path / "rec.json"
+    assert main(["train", "vq-tiny", "--data", "digits", "--size", "16", "--steps", "3", "--batch-size", "8",
+                 "--out", str(out)]) == 0
+    assert main(["eval", str(out), "--data", "digits", "-n", "20", "--json", str(js), "--grid",
+                 str(tmp_path / "rec.png")]) == 0
+    assert Image.open(tmp_path / "rec.png").size == (2 * (16 * 18 + 2), 2 * (2 * 18 + 2))  # 16 over 16, 16 px
+    rec = json.loads(js.read_text())
+    tok, _ = checkpoint.load(out)
+    x = data.load("digits", "test", tok.config.img_size).float(slice(0, 20))
+    with torch.no_grad():
+        idx = tok.img_to_indices(x)
+        mse = float((tok.indices_to_img(idx) - x).double().pow(2).mean())
+    assert rec["n"] == 20 and rec["mse"] == pytest.approx(mse, rel=1e-6)
+    assert rec["psnr_db"] == pytest.approx(10 * np.log10(4 / mse), rel=1e-6)
+    assert rec["codes_used"] == len(idx.unique()) <= rec["vocab_size"] == tok.config.vocab_size
+
+
 def test_calibrate_tarflow_saves_a_plan_per_batch_that_meets_the_error_target(tmp_path):
     from pargen import checkpoint
     from pargen.evaluation import calibrate as cal

