@@ -84,12 +84,9 @@ class C2F(nn.Module):
         table[grouped, torch.arange(len(order), device=order.device) - start[grouped]] = order
         return table
 
-    def fine_logits(self, labels: Tensor, coarse: Tensor, mask_to_cluster: bool = False) -> Tensor:
-        """Stage-2 logits (B, N, V), -inf outside each coarse label's cluster when masked."""
-        logits = self._aux(labels, coarse)
-        if mask_to_cluster:
-            logits = logits.masked_fill(self.assign[None, None, :] != coarse[..., None], -torch.inf)
-        return logits
+    def fine_logits(self, labels: Tensor, coarse: Tensor) -> Tensor:
+        """Stage-2 logits (B, N, V) over all fine labels (the sampler restricts them to `members` when masked)."""
+        return self._aux(labels, coarse)
 
 
 register_preset("c2f-tiny", "c2f", C2FConfig(vocab_size=64, coarse=8, grid=4, depth=2, width=32, heads=2,
