@@ -1,11 +1,9 @@
-"""Implementations of the `pargen` subcommands (argument parsing is in `main.py`)."""
+"""The `pargen` subcommands (argument parsing is in `main.py` and `add_parsers`); `bench` lives in `bench.py`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import shlex
-import time
 from pathlib import Path
 
 import torch
@@ -14,8 +12,7 @@ from tqdm import tqdm
 from .. import checkpoint, data, registry
 from ..errors import PargenError
 from ..evaluation.bench import write_json
-from ..nn.attention import KVCache
-from .common import labels_for, raster_sampler, raster_settings, sample_in_chunks, shared
+from .common import labels_for, load, raster_sampler, raster_settings, tokenizer_for
 
 
 def add_parsers(sub, positive_int, nonneg_float) -> None:
@@ -209,17 +206,11 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import demo
+    from . import bench, demo
 
-    table = {"train": cmd_train, "list": cmd_list, "sample": cmd_sample, "eval": cmd_eval, "bench": cmd_bench,
+    table = {"train": cmd_train, "list": cmd_list, "sample": cmd_sample, "eval": cmd_eval, "bench": bench.cmd_bench,
              "calibrate": cmd_calibrate, "convert": cmd_convert, "demo": demo.cmd_demo, "analyze": cmd_analyze}
     return table[args.cmd](args)
-
-
-def _load(name: str, device: str):
-    path = checkpoint.resolve(name)
-    model, meta = checkpoint.load(path)
-    return model.to(device), meta, path
 
 
 def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = True):
@@ -268,7 +259,7 @@ def _generate_here(args, model, meta, path, seeds: list[int], y, progress: bool)
     elif meta["family"] == "var":
         from ..samplers import autoregressive as AR
 
-        tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
+        tok = tokenizer_for(meta.get("tokenizer"), model.config, args.device)
         cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
         lowrank = _set_lowrank(model, args)
         imgs, runs = [], []
@@ -284,7 +275,7 @@ def _generate_here(args, model, meta, path, seeds: list[int], y, progress: bool)
                f"top-p {args.top_p:g}{lowrank}"
         unit = "token"
     elif meta["family"] in ("raster", "c2f"):
-        tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
+        tok = tokenizer_for(meta.get("tokenizer"), model.config, args.device)
         method = "sequential" if args.method == "auto" else args.method
         if method not in ("sequential", "jacobi", "sjd"):
             raise PargenError(f"raster AR models sample with --method sequential, jacobi or sjd, not {args.method}")
@@ -334,11 +325,11 @@ def cmd_analyze(args) -> int:
     from ..nn.lowrank import PolySpec
     from . import lowrank as lr
 
-    model, meta, path = _load(args.checkpoint, args.device)
+    model, meta, path = load(args.checkpoint, args.device)
     if meta["family"] != "var":
         raise PargenError(f"{path} is a {meta['family']} checkpoint, not a VAR model")
     model.eval()
-    tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
+    tok = tokenizer_for(meta.get("tokenizer"), model.config, args.device)
     ds = data.load(args.data or meta.get("data") or "mnist", "test", meta.get("size"))
     x = ds.float(slice(0, args.n)).to(args.device)
     y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(args.device)
@@ -362,7 +353,7 @@ def cmd_sample(args) -> int:
     from .. import distributed, images
 
     rank, _ = distributed.init()  # under torchrun the seeds (or, --split calls, the model calls) are shared
-    model, meta, path = _load(args.checkpoint, args.device)
+    model, meta, path = load(args.checkpoint, args.device)
     seeds = list(range(args.seed, args.seed + args.n))
     x, desc, costs = _generate(args, model, meta, path, seeds, labels_for(model, seeds, args.labels))
     if rank:
@@ -389,7 +380,7 @@ def cmd_eval(args) -> int:
     if args.target.startswith("folder:"):
         fake = _load_images_folder(args.target)[: args.n]
     else:
-        model, meta, path = _load(args.target, args.device)
+        model, meta, path = load(args.target, args.device)
         result["checkpoint"] = str(path)
         if meta["family"] == "classifier":
             result["test_accuracy"] = metrics.accuracy(model, test)
@@ -440,279 +431,10 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .. import distributed
-    from ..evaluation import metrics
-    from . import tarflow as tf
-
-    _, world = distributed.init()  # under torchrun: every batch and FID sample set is shared by the ranks
-    if world > 1 and args.family not in ("tarflow", "diffusion"):
-        raise PargenError(f"bench {args.family} runs in one process (its samplers draw for the whole batch from "
-                          "one generator); torchrun shares the batch for bench tarflow and bench diffusion")
-    if args.family == "diffusion":
-        return _bench_diffusion(args)
-    if args.family == "var":
-        return _bench_var(args)
-    if args.family == "lowrank":
-        return _bench_lowrank(args)
-    if args.family == "ctf":
-        return _bench_ctf(args)
-    model, meta, path = _load(args.checkpoint or f"{args.family}-mnist", args.device)
-    guidance = tf.default_guidance(meta, args.cfg, None, None)
-    print(f"bench {args.family}: {path.name}, batches {args.batch}, {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads, guidance {guidance.scale:g}")
-    records = tf.bench(model, path, args.batch, args.repeats, args.tol, guidance, args.seed)
-    if args.fid:
-        clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
-        real = data.load("mnist", "test").float()
-        seeds = list(range(args.seed, args.seed + args.fid))
-        for method in ("sequential", "auto"):
-            # the batch-1 plan is the most parallel one; results do not depend on the batch they run in
-            plan, tol, _ = tf.resolve_plan(path, method, 1, args.tol, None, quiet=True)
-            fake = shared(lambda s: tf.generate(model, s, labels_for(model, s, None), plan, tol, guidance, True, 16,
-                                                args.device)[0], seeds)
-            fid = metrics.scores(real, fake, metrics.classifier_features(clf))["fid"]
-            for r in records:
-                if r["method"] == ("sequential" if method == "sequential" else "gs-jacobi-auto"):
-                    r["fid"], r["fid_n"] = fid, args.fid
-    return _report(records, args.json)
-
-
-def _report(records: list[dict], path: str | None) -> int:
-    """Print a bench table and write its records as JSON when asked (rank 0 under torchrun)."""
-    from .. import distributed
-    from ..evaluation import bench as benchmod
-
-    if distributed.world()[0]:
-        return 0
-    print(benchmod.table(records))
-    if path:
-        write_json(records, path)
-        print(f"records written to {path}")
-    return 0
-
-
-def _bench_diffusion(args) -> int:
-    from ..evaluation import metrics
-    from . import diffusion as dm
-
-    model, meta, path = _load(args.checkpoint or "denoiser-mnist", args.device)
-    if meta["family"] != "denoiser":
-        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a diffusion denoiser")
-    print(f"bench diffusion: {path.name}, samplers {args.samplers}, batches {args.batch}, {args.repeats} repeats, "
-          f"{torch.get_num_threads()} threads")
-    flags = dict(cfg=args.cfg, window=args.window, tol=args.tol, block=args.block, sweeps=args.sweeps,
-                 anderson=args.anderson)
-    records = dm.bench(model, meta, args.samplers, args.batch, args.repeats, args.seed, **flags)
-    if args.fid:
-        clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
-        real = data.load("mnist", "test").float()
-        feats = metrics.classifier_features(clf)
-        seeds = list(range(args.seed, args.seed + args.fid))
-        fids = {}
-        for r in records:
-            key = (r["sampler"], r["method"])
-            if r["method"] not in ("sequential", "picard"):  # the others: see their error against sequential
-                continue
-            if key not in fids:
-                st = dm.settings(meta, sampler=r["sampler"], **flags)
-                method = "picard" if r["method"] == "picard+anderson" else r["method"]
-                st = dm.dataclasses.replace(st, method=method, anderson=r.get("anderson", 0))
-                print(f"  FID of {args.fid} images: {st.describe()}")
-                # an image depends only on its seed, so any batch size gives the same images: the sequential
-                # sampler runs 50 at a time, the parallel one one at a time, where its window costs least
-                bs = 50 if method == "sequential" else 1
-                fake = shared(lambda s: dm.generate(model, s, labels_for(model, s, None), st, bs, args.device)[0],
-                              seeds)
-                fids[key] = metrics.scores(real, fake, feats)["fid"]
-            r["fid"], r["fid_n"] = fids[key], args.fid
-    if args.plot:
-        dm.plot_convergence(model, meta, args.plot, args.seed, sampler=args.samplers[0], **flags)
-        print(f"plot written to {args.plot}")
-    return _report(records, args.json)
-
-
-def _bench_var(args) -> int:
-    """KV-cached next-scale sampling against the same model re-running its prefix at every scale (same tokens),
-    and against a raster-order AR model over the same final token grid (another model: the paper's ratio)."""
-    from ..evaluation import bench as benchmod
-    from ..evaluation import metrics
-    from ..samplers import autoregressive as AR
-
-    model, meta, path = _load(args.checkpoint or "var-mnist", args.device)
-    if meta["family"] != "var":
-        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a VAR model")
-    tok = _tokenizer_for(meta.get("tokenizer"), model.config, args.device)
-    c = model.config
-    cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
-    raster = None
-    if args.raster != "none":
-        rmodel, rmeta, rpath = _load(args.raster, args.device)
-        if rmeta["family"] != "raster":
-            raise PargenError(f"{rpath} is a {rmeta['family']} checkpoint, not a raster AR model")
-        rtok = _tokenizer_for(rmeta.get("tokenizer"), rmodel.config, args.device)
-        raster = (rmodel, rmeta, rtok, rmeta.get("sample_defaults", {}).get("guidance", 1.0), rpath.name)
-    print(f"bench var: {path.name}, {len(c.patch_nums)} scales (L = {c.L}), batches {args.batch}, cfg {cfg:g}"
-          + (f"; raster AR {raster[4]} ({raster[0].config.tokens} tokens, cfg {raster[3]:g})" if raster else "")
-          + f"; {torch.get_num_threads()} threads")
-    records = []
-    for B in args.batch:
-        seeds = list(range(args.seed, args.seed + B))
-        y = labels_for(model, seeds, None).to(args.device)
-
-        def var_run(kv: bool):
-            def go():
-                r = AR.sample(model, tok, y, cfg=cfg, kv_cache=kv, generator=torch.Generator().manual_seed(args.seed))
-                return r.img, {"rounds": r.rounds, "nfe": r.nfe,
-                               "scale_ms": [round(1e3 * t, 2) for t in r.scale_seconds]}
-            return go
-
-        branches = 2  # VAR always runs the conditional and the unconditional branch
-        var_kv = benchmod.Method("kv-cache", var_run(True),
-                                 {"kv_cache_mib": KVCache.bytes_for(c.depth, branches * B, c.L, c.C) / 2**20})
-        records += benchmod.run("var", benchmod.Method("no-kv-cache", var_run(False)), [var_kv],
-                                batch=B, seed=args.seed, repeats=args.repeats)
-        if raster:
-            rmodel, rmeta, rtok, rcfg, _ = raster
-            rc = rmodel.config
-
-            def raster_run(method: str):
-                fn = raster_sampler(rmodel, rmeta, rtok, method=method)
-
-                def go():
-                    r = fn(y, torch.Generator().manual_seed(args.seed))
-                    return r.img, {"rounds": r.rounds, "nfe": r.nfe, "tokens_per_call": r.tokens_per_call}
-                return go
-
-            nb = 1 if rcfg == 1 else 2
-            base = benchmod.Method("raster-ar", raster_run("sequential"),
-                                   {"kv_cache_mib": KVCache.bytes_for(rc.depth, nb * B, rc.tokens, rc.width) / 2**20})
-            records += benchmod.run("var", base, [
-                benchmod.Method("raster-ar-jacobi", raster_run("jacobi")),  # same tokens, fewer calls?
-                dataclasses.replace(var_kv, name="var-kv-cache", compare=False)],  # another model: a ratio only
-                batch=B, seed=args.seed, repeats=args.repeats)
-    if args.fid:
-        clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
-        real = data.load("mnist", "test").float()
-        feats = metrics.classifier_features(clf)
-        seeds = list(range(args.seed, args.seed + args.fid))
-        y = labels_for(model, seeds, None).to(args.device)
-        fakes = {"kv-cache": sample_in_chunks(lambda yy, g: AR.sample(model, tok, yy, cfg=cfg, generator=g), y,
-                                              args.seed)}
-        if raster:
-            fakes["raster-ar"] = sample_in_chunks(raster_sampler(*raster[:3]), y, args.seed)
-        fid = {k: metrics.scores(real, v, feats)["fid"] for k, v in fakes.items()}
-        for r in records:
-            key = {"no-kv-cache": "kv-cache", "var-kv-cache": "kv-cache"}.get(r["method"], r["method"])
-            if key in fid:
-                r["fid"], r["fid_n"] = fid[key], args.fid
-    return _report(records, args.json)
-
-
-def _bench_lowrank(args) -> int:
-    """Exact vs polynomial attention: scaling over synthetic VAR pyramids, then the bundled capped model."""
-    from ..evaluation import metrics
-    from ..nn.lowrank import PolySpec
-    from ..samplers import autoregressive as AR
-    from . import lowrank as lr
-
-    spec = PolySpec(args.degree, args.kind)
-    print(f"bench lowrank: {spec.kind} degree {spec.degree}, head dim {args.head_dim} (rank "
-          f"{spec.rank(args.head_dim)}), sides {args.sides}, {args.repeats} repeats, {torch.get_num_threads()} threads")
-    try:
-        res = lr.scaling(args.sides, args.head_dim, spec, args.repeats, args.fit_from)
-    except ValueError as e:
-        raise PargenError(str(e)) from None
-    print(f"fitted exponents of n (sides >= {args.fit_from}): exact {res['exponent_exact_s']:.2f} (FLOPs "
-          f"{res['exponent_exact_flops']:.2f}), low-rank {res['exponent_lowrank_s']:.2f} (FLOPs "
-          f"{res['exponent_lowrank_flops']:.2f})")
-    fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
-    print(f"crossover n: measured {fmt(res['crossover_n_measured'])}, from the fitted lines "
-          f"{fmt(res['crossover_n_fit'])}, FLOP model {fmt(res['crossover_n_flops'])}")
-    last = res["rows"][-1]
-    print(f"memory per head at n={last['n']}: KV cache {last['kv_cache_bytes'] / 2**20:.2f} MiB, running state "
-          f"{last['state_bytes'] / 2**20:.2f} MiB")
-    if args.plot:
-        lr.plot_scaling(res, args.plot)
-        print(f"plot written to {args.plot}")
-    name = args.checkpoint or "var-mnist-lowrank"
-    model, meta, path = _load(name, args.device)
-    if meta["family"] != "var":
-        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a VAR model")
-    model.eval()
-    c = model.config
-    tok = _tokenizer_for(meta.get("tokenizer"), c, args.device)
-    ds = data.load(meta.get("data") or "mnist", "test", meta.get("size"))
-    rep = lr.analyze(model, tok, ds.float(slice(0, 64)), ds.labels[:64], [spec], 1.0)
-    key = f"{spec.kind}{spec.degree}"
-    errs = [max(r["errors"][key]["measured"]) for r in rep["layers"]]
-    hd = c.C // c.H
-    res["model"] = {"checkpoint": path.name, "head_scale_cap": c.attn_scale_cap,
-                    "max_logit_bound": max(max(r["logit_bound"]) for r in rep["layers"]),
-                    "attn_output_rel_err_per_layer": errs, "loss_exact": rep["loss_exact"],
-                    "loss_lowrank": rep["loss_lowrank"],
-                    "kv_cache_bytes_per_image": KVCache.bytes_for(c.depth, 2, c.L, c.C),  # both guidance branches
-                    "state_bytes_per_image": 2 * c.depth * c.H * (spec.rank(hd) * hd + spec.rank(hd)) * 4}
-    m = res["model"]
-    print(f"{path.name}: head scales capped at {c.attn_scale_cap:g} (max logit bound {m['max_logit_bound']:.2f}); "
-          f"attention-output error per layer {', '.join(f'{e:.1e}' for e in errs)}; teacher-forced loss exact "
-          f"{m['loss_exact']:.4f}, low-rank {m['loss_lowrank']:.4f}")
-    if args.fid:
-        clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
-        real = data.load("mnist", "test").float()
-        feats = metrics.classifier_features(clf)
-        cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
-        labels = labels_for(model, list(range(args.seed, args.seed + args.fid)), None)
-        for mode in ("exact", "lowrank"):
-            model.set_lowrank(None, spec if mode == "lowrank" else None)
-            t0 = time.perf_counter()
-            fake = sample_in_chunks(lambda yy, g: AR.sample(model, tok, yy, cfg=cfg, generator=g), labels, args.seed,
-                                    f"FID {mode}")
-            m[f"sample_s_{mode}"] = time.perf_counter() - t0
-            m[f"fid_{mode}"] = metrics.scores(real, fake, feats)["fid"]
-        model.set_lowrank(None, None)
-        m["fid_n"], m["fid_increase"] = args.fid, m["fid_lowrank"] / m["fid_exact"] - 1
-        print(f"FID of {args.fid} samples (cfg {cfg:g}): exact {m['fid_exact']:.2f}, low-rank {m['fid_lowrank']:.2f} "
-              f"({100 * m['fid_increase']:+.1f}%)")
-    if args.json:
-        write_json(res, args.json)
-        print(f"records written to {args.json}")
-    return 0
-
-
-def _bench_ctf(args) -> int:
-    from ..evaluation import bench as benchmod
-    from . import ctf
-
-    models = ctf.load_pair(args.checkpoint or "c2f-mnist", args.raster, args.device, _tokenizer_for)
-    c = models["ctf"][0].config
-    print(f"bench ctf: {c.coarse} {c.clusters} coarse labels of {c.vocab_size} codes vs raster AR, batches "
-          f"{args.batch}, {args.repeats} repeats, {torch.get_num_threads()} threads")
-    records = ctf.speed(models, args.batch, args.repeats, args.seed, args.jacobi_window)
-    print(benchmod.table(records))
-    out: dict = {"speed": records}
-    if args.fid:
-        print(f"quality: {args.fid} samples per model and guidance {args.guidance}")
-        out["quality"] = rows = ctf.quality(models, args.guidance, args.fid, args.seed)
-        out["best"] = best = ctf.summary(rows)
-        for k, v in best.items():
-            print(f"{k}: best FID {v['fid']:.2f} (IS {v['is']:.2f}) at guidance {v['guidance']:g}")
-        # speculative Jacobi decoding keeps the distribution: the same FID within noise, at the best guidance
-        out["sjd"] = [r for k, v in best.items()
-                      for r in ctf.quality({k: models[k]}, [v["guidance"]], args.fid, args.seed, method="sjd")]
-        if args.plot:
-            ctf.plot(rows, args.plot)
-            print(f"plot written to {args.plot}")
-    if args.json:
-        write_json(out, args.json)
-        print(f"records written to {args.json}")
-    return 0
-
-
 def cmd_calibrate(args) -> int:
     from . import tarflow as tf
 
-    model, meta, path = _load(args.checkpoint, args.device)
+    model, meta, path = load(args.checkpoint, args.device)
     if meta["family"] != {"tarflow": "tarflow", "diffusion": "denoiser"}[args.family]:
         raise PargenError(f"{path} is a {meta['family']} checkpoint, not a {args.family} one")
     if args.family == "diffusion":
@@ -794,28 +516,6 @@ def _check_data_fits(cfg, ds: data.ImageData) -> None:
                              f"has labels up to {int(ds.labels.max())}"))
 
 
-def _tokenizer_for(name: str | None, cfg, device: str):
-    """The frozen tokenizer a token model trains or samples on (multi-scale for VAR, single-scale for raster
-    models), checked against the model's config."""
-    want = "msvq" if hasattr(cfg, "patch_nums") else "vq"
-    if not name:
-        raise PargenError(f"this model needs --tokenizer CKPT (a trained {want} checkpoint)")
-    tok, meta = checkpoint.load(checkpoint.resolve(name))
-    if meta["family"] != want:
-        raise PargenError(f"{name} is a {meta['family']} checkpoint; this model needs a {want} tokenizer")
-    t = tok.config
-    if want == "msvq":
-        fits = (t.vocab_size, t.z_channels, tuple(t.patch_nums)) == (cfg.vocab_size, cfg.z_channels,
-                                                                     tuple(cfg.patch_nums))
-        what = lambda o: f"vocab {o.vocab_size}, {o.z_channels} channels, scales {tuple(o.patch_nums)}"  # noqa: E731
-    else:
-        fits = (t.vocab_size, t.grid) == (cfg.vocab_size, cfg.grid)
-        what = lambda o: f"vocab {o.vocab_size}, {o.grid}x{o.grid} tokens"  # noqa: E731
-    if not fits:
-        raise PargenError(f"tokenizer {name} ({what(t)}) does not fit the model ({what(cfg)})")
-    return tok.to(device).eval().requires_grad_(False)
-
-
 def cmd_train(args) -> int:
     from ..evaluation import metrics
     from ..training.loop import TrainConfig, train
@@ -840,7 +540,7 @@ def cmd_train(args) -> int:
         meta["init"] = args.init
     loss_fn = LOSSES[family]
     if family in ("var", "raster", "c2f"):
-        tok = _tokenizer_for(args.tokenizer, cfg, args.device)
+        tok = tokenizer_for(args.tokenizer, cfg, args.device)
         loss_fn = functools.partial(loss_fn, tokenizer=tok)
         meta["tokenizer"] = args.tokenizer
         if family == "c2f" and not (args.resume or args.init):

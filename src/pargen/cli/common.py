@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .. import checkpoint
 from ..errors import PargenError
 
 
@@ -76,3 +77,32 @@ def sample_in_chunks(fn: Callable, labels: torch.Tensor, seed: int, desc: str | 
     part = torch.cat([fn(labels[i: i + size], torch.Generator().manual_seed(seed + i)).img
                       for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)])
     return distributed.gather(part).mul(2).sub(1)
+
+
+def load(name: str, device: str):
+    """(model on device, meta, path) of a bundled name or a checkpoint path."""
+    path = checkpoint.resolve(name)
+    model, meta = checkpoint.load(path)
+    return model.to(device), meta, path
+
+
+def tokenizer_for(name: str | None, cfg, device: str):
+    """The frozen tokenizer a token model trains or samples on (multi-scale for VAR, single-scale for raster
+    models), checked against the model's config."""
+    want = "msvq" if hasattr(cfg, "patch_nums") else "vq"
+    if not name:
+        raise PargenError(f"this model needs --tokenizer CKPT (a trained {want} checkpoint)")
+    tok, meta = checkpoint.load(checkpoint.resolve(name))
+    if meta["family"] != want:
+        raise PargenError(f"{name} is a {meta['family']} checkpoint; this model needs a {want} tokenizer")
+    t = tok.config
+    if want == "msvq":
+        fits = (t.vocab_size, t.z_channels, tuple(t.patch_nums)) == (cfg.vocab_size, cfg.z_channels,
+                                                                     tuple(cfg.patch_nums))
+        what = lambda o: f"vocab {o.vocab_size}, {o.z_channels} channels, scales {tuple(o.patch_nums)}"  # noqa: E731
+    else:
+        fits = (t.vocab_size, t.grid) == (cfg.vocab_size, cfg.grid)
+        what = lambda o: f"vocab {o.vocab_size}, {o.grid}x{o.grid} tokens"  # noqa: E731
+    if not fits:
+        raise PargenError(f"tokenizer {name} ({what(t)}) does not fit the model ({what(cfg)})")
+    return tok.to(device).eval().requires_grad_(False)

@@ -8,7 +8,7 @@ from .. import checkpoint, data
 from ..errors import PargenError
 from ..evaluation import bench as benchmod
 from ..evaluation import metrics
-from .common import labels_for, raster_sampler, sample_in_chunks
+from .common import labels_for, raster_sampler, sample_in_chunks, tokenizer_for
 
 
 def speed(models: dict[str, tuple], batches: list[int], repeats: int, seed: int, window: int | None) -> list[dict]:
@@ -78,7 +78,8 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def load_pair(ctf_name: str, raster_name: str, device: str, tokenizer_for) -> dict[str, tuple]:
+def load_pair(ctf_name: str, raster_name: str, device: str) -> dict[str, tuple]:
+    """(model, meta, tokenizer) of the CTF checkpoint and its raster baseline, checked to share a tokenizer."""
     out = {}
     for key, name, family in (("ctf", ctf_name, "c2f"), ("raster", raster_name, "raster")):
         model, meta = checkpoint.load(checkpoint.resolve(name))

@@ -86,10 +86,10 @@ def _calibration_note(meta: dict) -> str:
 
 def _var_section(out: Path, quick: bool) -> dict:
     from ..samplers import autoregressive as AR
-    from .commands import _tokenizer_for
+    from .common import tokenizer_for
 
     model, meta = checkpoint.load(checkpoint.resolve("var-mnist"))
-    tok = _tokenizer_for(meta["tokenizer"], model.config, "cpu")
+    tok = tokenizer_for(meta["tokenizer"], model.config, "cpu")
     cfg = meta.get("sample_defaults", {}).get("guidance", 1.5)
     y = labels_for(model, list(range(16)), None)
 
@@ -115,12 +115,12 @@ def _var_section(out: Path, quick: bool) -> dict:
 
 
 def _ctf_section(out: Path, quick: bool) -> dict:
-    from .commands import _tokenizer_for
+    from .common import tokenizer_for
 
     loaded = {}
     for name in ("raster-mnist", "c2f-mnist"):
         model, meta = checkpoint.load(checkpoint.resolve(name))
-        loaded[name] = (model, meta, _tokenizer_for(meta["tokenizer"], model.config, "cpu"))
+        loaded[name] = (model, meta, tokenizer_for(meta["tokenizer"], model.config, "cpu"))
     y = labels_for(loaded["raster-mnist"][0], [0], None)
 
     def run(name: str, method: str):
