@@ -52,8 +52,13 @@ def save(path: str | os.PathLike, model: torch.nn.Module, extra: dict[str, Any] 
                for k, v in model.state_dict().items()}
     meta = {"family": model.family, "config": to_dict(model.config), **(extra or {})}
     atomic_write(s.with_name(s.name + ".safetensors"), lambda tmp: save_file(tensors, tmp))
-    atomic_write(s.with_name(s.name + ".json"),
-                  lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    return write_meta(s, meta)
+
+
+def write_meta(path: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """(Re)write a checkpoint's JSON description atomically; returns the checkpoint's stem."""
+    s = stem(path)
+    atomic_write(s.with_name(s.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return s
 
 

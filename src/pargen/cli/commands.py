@@ -390,9 +390,7 @@ def cmd_eval(args) -> int:
             return 0
         if meta["family"] in ("vq", "msvq"):
             ds = data.load(args.data, "test", model.config.img_size)
-            if ds.shape[0] != model.config.in_channels:
-                raise PargenError(f"{path} reads {model.config.in_channels}-channel images; {args.data} has "
-                                  f"{ds.shape[0]}")
+            _check_data_fits(model.config, ds)
             x = ds.float(slice(0, args.n)).to(args.device)
             result.update(metrics.reconstruction(model, x), data=args.data)
             if args.grid:
@@ -450,8 +448,6 @@ def cmd_calibrate(args) -> int:
 
 
 def _calibrate_diffusion(args, model, meta: dict, path: Path) -> int:
-    import json
-
     from . import diffusion as dm
 
     found = dm.calibrate(model, meta, args.samplers, args.max_err, list(range(args.seed, args.seed + args.seeds)),
@@ -460,9 +456,8 @@ def _calibrate_diffusion(args, model, meta: dict, path: Path) -> int:
     parallel = meta.setdefault("sample_defaults", {}).setdefault("parallel", {})
     for name, rec in found.items():
         parallel[name] = {**parallel.get(name, {}), **rec}
-    jpath = checkpoint.stem(path).with_name(checkpoint.stem(path).name + ".json")
-    checkpoint.atomic_write(jpath, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-    print(f"settings saved to {jpath} (sample_defaults.parallel)")
+    s = checkpoint.write_meta(path, meta)
+    print(f"settings saved to {s.with_name(s.name + '.json')} (sample_defaults.parallel)")
     return 0
 
 
