@@ -361,16 +361,23 @@ def test_readme_results_section_is_generated_from_the_bench_json(tmp_path):
 
 
 @pytest.mark.dist
-def test_bench_under_torchrun_shares_the_batch_and_measures_the_same_errors(tmp_path):
+@pytest.mark.parametrize("split, batch", [("seeds", 2), ("calls", 1)])
+def test_bench_under_torchrun_shares_the_batch_and_measures_the_same_errors(tmp_path, split, batch):
+    """seeds: one image per rank, the same images as the one-process batch of two; calls: one image, every model
+    call split over the ranks. Either way the same images, so the same rounds and errors."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    args = ["bench", "diffusion", "--samplers", "ddim", "--batch", "2", "--repeats", "1", "--tol", "0.01"]
+    args = ["bench", "diffusion", "--samplers", "ddim", "--batch", str(batch), "--repeats", "1", "--tol", "0.01",
+            "--split", split]
     assert main([*args, "--json", str(one)]) == 0
     r = torchrun(*args, "--json", str(two))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert [(x["method"], x["batch"], x["processes"]) for x in b] == [(x["method"], 2, 2) for x in a]
-    for x, y in zip(a, b):  # one image per rank: the same images as the one-process batch of two, so the same errors
+    assert [(x["method"], x["batch"], x["processes"]) for x in b] == [(x["method"], batch, 2) for x in a]
+    for x, y in zip(a, b):
         assert y["max_abs_err"] == pytest.approx(x["max_abs_err"], rel=1e-3, abs=1e-5)
-        assert y["nfe"] >= y["rounds"] >= 1 and {"wall_s_median", "wall_s_min", "speedup"} <= y.keys()  # reported
-    r = torchrun("bench", "var", "--batch", "2", "--repeats", "1")
-    assert r.returncode != 0 and "bench var runs in one process" in r.stderr  # torchrun exits 1 for a failed rank
+        assert y["rounds"] == x["rounds"] and y["nfe"] >= y["rounds"] >= 1
+        assert {"wall_s_median", "wall_s_min", "speedup"} <= y.keys()  # reported
+        assert (y.get("split"), x.get("split")) == (("calls", "calls") if split == "calls" else (None, None))
+    if split == "seeds":
+        r = torchrun("bench", "var", "--batch", "2", "--repeats", "1")
+        assert r.returncode != 0 and "bench var runs in one process" in r.stderr  # torchrun exits 1: a rank failed

@@ -76,7 +76,8 @@ def _bench_diffusion(args) -> int:
           f"{torch.get_num_threads()} threads")
     flags = dict(cfg=args.cfg, window=args.window, tol=args.tol, block=args.block, sweeps=args.sweeps,
                  anderson=args.anderson)
-    records = dm.bench(model, meta, args.samplers, args.batch, args.repeats, args.seed, **flags)
+    records = dm.bench(model, meta, args.samplers, args.batch, args.repeats, args.seed,
+                       split_calls=args.split == "calls", **flags)
     if args.fid:
         clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
         real = data.load("mnist", "test").float()
@@ -92,9 +93,9 @@ def _bench_diffusion(args) -> int:
                 method = "picard" if r["method"] == "picard+anderson" else r["method"]
                 st = dm.dataclasses.replace(st, method=method, anderson=r.get("anderson", 0))
                 print(f"  FID of {args.fid} images: {st.describe()}")
-                # an image depends only on its seed, so any batch size gives the same images: the sequential
-                # sampler runs 50 at a time, the parallel one one at a time, where its window costs least
-                bs = 50 if method == "sequential" else 1
+                # an image depends only on its seed, so any batch size gives the same images (up to float
+                # rounding): the sequential sampler runs 50 at a time, the parallel one 16
+                bs = 50 if method == "sequential" else 16
                 fake = shared(lambda s: dm.generate(model, s, labels_for(model, s, None), st, bs, args.device)[0],
                               seeds)
                 fids[key] = metrics.scores(real, fake, feats)["fid"]

@@ -124,6 +124,10 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     g.add_argument("--block", type=positive_int, default=None)
     g.add_argument("--sweeps", type=positive_int, default=None)
     g.add_argument("--anderson", type=int, default=None)
+    g.add_argument("--split", choices=["seeds", "calls"], default="seeds",
+                   help="under torchrun: share the batch over the processes (seeds), or run the whole batch on "
+                        "every process and split every model call over them (calls; the sequential sampler's "
+                        "calls too, guidance branches included)")
     g = b.add_argument_group("lowrank")
     g.add_argument("--sides", type=positive_int, nargs="+", default=[8, 12, 16, 24, 32, 48, 64, 96],
                    help="final token-map sides n of the synthetic VAR pyramids")

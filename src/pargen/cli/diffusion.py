@@ -77,8 +77,8 @@ def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None
 def run(model: Denoiser, x_T: torch.Tensor, noise, y, st: Settings, steps: D.Steps, method: str | None = None,
         split_calls: bool = False, **over) -> D.DiffusionSample:
     st = dataclasses.replace(st, **over)
-    eps = D.noise_predictor(model, st.guidance)
-    return D.sample(D.shard(eps) if split_calls else eps, x_T, steps, noise=noise, y=y,
+    eps = D.noise_predictor(model, st.guidance, split=split_calls)
+    return D.sample(eps, x_T, steps, noise=noise, y=y,
                     method=method or st.method, window=st.window, tol=st.tol, block=st.block, sweeps=st.sweeps,
                     anderson=st.anderson)
 
@@ -94,7 +94,7 @@ def generate(model: Denoiser, seeds: list[int], y: torch.Tensor | None, st: Sett
              device: str = "cpu", progress: bool = True, split_calls: bool = False
              ) -> tuple[torch.Tensor, list[D.DiffusionSample]]:
     """Images for the given seeds, in chunks of batch_size; each image depends only on its seed and label.
-    split_calls: every model call is split over the torchrun ranks (`D.shard`)."""
+    split_calls: every model call is split over the torchrun ranks (`D.shard`), guidance branches included."""
     steps = make_steps(model, st)
     cfg = model.config
     out, runs = [], []
@@ -114,10 +114,12 @@ def cost(res: D.DiffusionSample) -> dict[str, Any]:
             "fallbacks": sum(s.fallback for s in res.result.segments)}
 
 
-def call_cost_ratio(model: Denoiser, batch: int, rows: int, guidance: float, repeats: int = 20) -> dict[str, float]:
-    """Median wall time of one model call on batch*rows images over one call on batch images."""
+def call_cost_ratio(model: Denoiser, batch: int, rows: int, guidance: float, repeats: int = 20,
+                    split: bool = False) -> dict[str, float]:
+    """Median wall time of one model call on batch*rows images over one call on batch images (split: each call
+    split over the torchrun ranks, as the sampler makes it)."""
     cfg = model.config
-    eps = D.noise_predictor(model, guidance)
+    eps = D.noise_predictor(model, guidance, split=split)
 
     @torch.no_grad()
     def timed(n: int) -> float:
@@ -131,28 +133,36 @@ def call_cost_ratio(model: Denoiser, batch: int, rows: int, guidance: float, rep
 
 
 def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: list[int], repeats: int,
-          seed: int, **flags) -> list[dict[str, Any]]:
+          seed: int, split_calls: bool = False, **flags) -> list[dict[str, Any]]:
     """Per sampler and batch: sequential vs window Picard vs block Picard vs window Picard with Anderson mixing
-    (depth: the setting's, else 3), on the same noise. `flags` override the checkpoint's settings."""
+    (depth: the setting's, else 3), on the same noise. `flags` override the checkpoint's settings.
+
+    Under torchrun the ranks share the batch, or with `split_calls` every rank runs the whole batch and each model
+    call (the sequential sampler's too) is split over them."""
+    from .. import distributed
+
+    rank = distributed.world()[0]
     records = []
     shape = (model.config.in_channels, model.config.img_size, model.config.img_size)
     for name in samplers:
         st = settings(meta, sampler=name, **flags)
         steps = make_steps(model, st)
         for B in batches:
-            seeds = rank_share(list(range(seed, seed + B)))  # all of them outside torchrun
+            seeds = list(range(seed, seed + B))
+            seeds = seeds if split_calls else rank_share(seeds)  # all of them outside torchrun
             x_T, noise = D.draw(seeds, shape, steps)
             y = labels_for(model, seeds, None)
 
             def runner(method, **over):
                 def go():
-                    res = run(model, x_T, noise, y, st, steps, method=method, **over)
-                    return res.x, cost(res)
+                    res = run(model, x_T, noise, y, st, steps, method=method, split_calls=split_calls, **over)
+                    # split calls: every rank holds the whole answer, so rank 0 gives it to the gathered output
+                    return res.x if rank == 0 or not split_calls else res.x[:0], cost(res)
                 return go
 
-            ratio = call_cost_ratio(model, len(seeds), st.window, st.guidance)
+            ratio = call_cost_ratio(model, len(seeds), st.window, st.guidance, split=split_calls)
             extra = {"sampler": name, "steps": st.steps, "guidance": st.guidance,
-                     "call_cost_ratio": round(ratio["ratio"], 2)}
+                     "call_cost_ratio": round(ratio["ratio"], 2), **({"split": "calls"} if split_calls else {})}
             methods = [benchmod.Method("picard", runner("picard", anderson=0),
                                        {**extra, "window": st.window, "tol": st.tol}),
                        benchmod.Method("block", runner("block", anderson=0),

@@ -19,7 +19,8 @@ second copy of the iteration):
 Timesteps use diffusers' "leading" spacing and its conventions (final alpha-bar 1, DDPM "fixed_small" variance),
 so the steps equal `DDIMParallelScheduler` / `DDPMParallelScheduler` ones (tested). x0 is not clipped.
 The noise predictor is any callable eps(x, t, y): pargen's `Denoiser` or a `diffusers` `UNet2DModel` (see
-`noise_predictor`). Under torchrun, `shard(eps)` splits each model call across the ranks and gathers it.
+`noise_predictor`). Under torchrun, `shard(eps)` (or `noise_predictor(..., split=True)`) splits each model call
+across the ranks and gathers it.
 """
 from __future__ import annotations
 
@@ -95,10 +96,12 @@ def make_steps(alphas_cumprod: Tensor, n: int, kind: str = "ddim", eta: float = 
     return Steps(kind, t, t_next, a, b, s, sig, sig_next, ab, ab_next, post_var.sqrt())
 
 
-def noise_predictor(model: torch.nn.Module, guidance: float = 1.0) -> EpsFn:
+def noise_predictor(model: torch.nn.Module, guidance: float = 1.0, split: bool = False) -> EpsFn:
     """eps(x, t, y) from pargen's `Denoiser` or a `diffusers` `UNet2DModel`, with classifier-free guidance.
 
     With guidance w != 1 and labels given, both branches run in one batched call: eps_u + w * (eps_c - eps_u).
+    split: under torchrun, every model call (both branches' rows) is split across the ranks (`shard`), so even a
+    single step of one image runs on two processes.
     """
     from ..models.denoiser import Denoiser
 
@@ -112,6 +115,9 @@ def noise_predictor(model: torch.nn.Module, guidance: float = 1.0) -> EpsFn:
             return model(x, t, y)
         out = model(x, t) if y is None else model(x, t, class_labels=y)
         return out.sample if hasattr(out, "sample") else out
+
+    if split:
+        call = shard(call)
 
     def eps(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         if y is None or guidance == 1.0:
