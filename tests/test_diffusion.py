@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pargen import registry
-from pargen.models.denoiser import alphas_cumprod
+from pargen.models.denoiser import Denoiser, DenoiserConfig, alphas_cumprod
 from pargen.samplers import diffusion as D
 
 N = 40  # sampler steps in these tests
@@ -239,3 +239,14 @@ def test_window_split_across_two_torchrun_processes_matches_one(tmp_path):
     assert one["rounds"] == two["rounds"]
     assert one["rows"] == 21 and two["rows"] == 11  # a full window of 3 x 7 rows, split over the ranks
     torch.testing.assert_close(one["x"], two["x"], atol=1e-12, rtol=0)
+
+
+def test_denoiser_skip_adds_a_learned_multiple_of_x_t():
+    cfg = DenoiserConfig(img_size=8, patch_size=4, width=16, depth=1, heads=2, skip=True)
+    net = Denoiser(cfg).eval()
+    with torch.no_grad():
+        net.skip.bias.fill_(0.5)  # the head starts at zero, so the output is the skip term alone
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(net(x, torch.tensor([1, 500, 999]), torch.tensor([0, 1, -1])), 0.5 * x)
+    plain = Denoiser(DenoiserConfig(img_size=8, patch_size=4, width=16, depth=1, heads=2))
+    assert not any(k.startswith("skip") for k in plain.state_dict())  # older checkpoints still load

@@ -224,7 +224,7 @@ def calibrate(model: Denoiser, meta: dict[str, Any], samplers: list[str], max_er
                 log(f"  window {w:3d}: no tolerance in {TOLS} reaches {max_err:g}")
         best = min(found, key=lambda c: c["seconds"], default=None)
         rec = {"method": "picard", "anderson": 0, "max_batch": 0, "guidance": st.guidance, "steps": st.steps,
-               "max_abs_err_target": max_err, "sequential_s": round(seq_s, 4)}
+               "max_abs_err_target": max_err, "seeds": len(seeds), "sequential_s": round(seq_s, 4)}
         if best is not None:
             rec.update(window=best["window"], tol=best["tol"], max_abs_err=best["max_abs_err"],
                        rounds=best["rounds"], speedup=round(seq_s / best["seconds"], 3))
