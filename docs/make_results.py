@@ -110,8 +110,9 @@ def section(docs: Path = DOCS) -> str:
             doc = json.loads(path.read_text())
             rows += speed_rows(doc["speed"] if isinstance(doc, dict) else doc, model, name)
     note = ("Per group, the fastest method with the same output (within 2e-3 max abs error of the baseline's; "
-            "else the fastest with an error), then the others. Speed-up = baseline median / method median, in one run. `-` as error: another model (VAR or CTF "
-            "against raster AR) or another draw from the same distribution (speculative Jacobi decoding, `sjd`).")
+            "else the fastest with an error), then the others. Speed-up = baseline median / method median, in one "
+            "run. `-` as error: another model (VAR or CTF against raster AR) or another draw from the same "
+            "distribution (speculative Jacobi decoding, `sjd`).")
     return "\n".join([START, "", *head, *rows, "", note, "", *quality_lines(docs), "", END])
 
 

@@ -4,9 +4,10 @@ The network predicts epsilon from (x_t, t, y): patch tokens plus learned positio
 on the timestep embedding plus the class embedding (index `num_classes` is the "no class" token used by
 classifier-free guidance), and a zero-initialised linear head. With `skip`, a learned scalar of (t, y) times x_t
 is added to the output: at high noise epsilon is close to x_t / sqrt(1 - alpha-bar), which a handful of coarse
-tokens (e.g. four 14x14 patches of width 96: 384 numbers for 784 pixels) could not pass through. Small and token-parallel on purpose: parallel-in-time
-sampling pays off on a CPU only when one batched call over a window of steps costs far less than that many single
-calls, which a conv U-Net of useful size does not give (see `../shared/research/diffusion.md`, section C).
+tokens (e.g. four 14x14 patches of width 96: 384 numbers for 784 pixels) could not pass through. Small and
+token-parallel on purpose: parallel-in-time sampling pays off on a CPU only when one batched call over a window of
+steps costs far less than that many single calls, which a conv U-Net of useful size does not give (see
+`../shared/research/diffusion.md`, section C).
 
 The schedule is the discrete VP (DDPM) one: beta linear in [1e-4, 0.02] over 1000 steps (Ho et al.), or the
 cosine alpha-bar of Nichol & Dhariwal; `alphas_cumprod` is kept in float64 for the samplers.
@@ -108,7 +109,8 @@ class Denoiser(nn.Module):
         self.head_ada = nn.Linear(w, 2 * w)
         self.head = nn.Linear(w, cfg.in_channels * p * p)
         self.skip = nn.Linear(w, 1) if cfg.skip else None
-        for m in [*(b.ada for b in self.blocks), self.head_ada, self.head, *([self.skip] if cfg.skip else [])]:  # adaLN-Zero: every block starts as id
+        # adaLN-Zero: every block starts as the identity, the output (and the skip gate) at zero
+        for m in [*(b.ada for b in self.blocks), self.head_ada, self.head, *([self.skip] if cfg.skip else [])]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
         self.register_buffer("alphas_cumprod", alphas_cumprod(cfg.schedule, cfg.train_steps), persistent=False)
@@ -139,5 +141,5 @@ def _preset(name: str, **kw) -> None:
 
 _preset("denoiser-tiny", img_size=8, patch_size=2, width=32, depth=2, heads=2, num_classes=10)
 _preset("denoiser-mnist", img_size=28, patch_size=7, width=192, depth=6, heads=6, num_classes=10)
-# four tokens, narrow and deep: its batched call over a Picard window costs little more than a single call on a CPU
+# four tokens, narrow and deep: a batched call over a Picard window costs a small multiple of a single one on a CPU
 _preset("denoiser-mnist-lite", img_size=28, patch_size=14, width=96, depth=12, heads=4, num_classes=10, skip=True)
