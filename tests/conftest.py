@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ def oracle(name: str):
     if not path.exists():
         pytest.skip(f"reference outputs {path} are absent (they live in ../shared/oracles beside the repo)")
     return torch.load(path, weights_only=True)
+
+
+def free_port() -> int:
+    """A free local TCP port for a torchrun rendezvous (a fixed one may still be held by an earlier run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

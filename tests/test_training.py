@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -9,6 +8,8 @@ import torch
 from pargen import checkpoint, data, registry
 from pargen.training.loop import TrainConfig, train
 from pargen.training.losses import tarflow_loss
+
+from .conftest import free_port
 
 
 def tiny_flow():
@@ -56,11 +57,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
-    with socket.socket() as sock:  # a free port for the rendezvous (a fixed one may still be held)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(script), str(tmp_path / "two")], env=env, timeout=300, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", str(script), str(tmp_path / "two")], env=env, timeout=300,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, _ = checkpoint.load(tmp_path / "one")
     b, _ = checkpoint.load(tmp_path / "two")
