@@ -5,12 +5,22 @@ without triangular Anderson mixing) at several tolerances, and a fixed number of
 (`method="block"` with one block, tol 0) with Anderson depths m. Each line is one run on the seeds given, with
 its rounds and the max abs error of the final images against the sequential sampler's (same noise).
 
+`--newton K` adds a reference that is not a parallel sampler: Newton's method on the whole trajectory with exact
+Jacobians (float64; Jacobian-vector products by central differences), x[n+1] <- step_n(x_old[n]) +
+J_n(x_old[n]) (x_new[n] - x_old[n]). Each sweep is one batched call over all steps plus N *sequential*
+Jacobian-vector products, so it cannot run in K rounds; the acceleration schemes above (Anderson, secant
+mixing) approximate its Jacobians from earlier sweeps, and its sweep count is what they would reach with exact
+ones.
+
     python benchmarks/diffusion_rounds.py --checkpoint denoiser-mnist --seeds 0 1 2 3 --json docs/diffusion_rounds.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+
+import torch
 
 from pargen import checkpoint
 from pargen.cli.common import labels_for
@@ -23,9 +33,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--sweeps", type=int, nargs="+", default=[7, 8, 9, 10, 11, 13])
-    p.add_argument("--anderson", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--tols", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4])
+    p.add_argument("--sweeps", type=int, nargs="*", default=[7, 8, 9, 10, 11, 13])
+    p.add_argument("--anderson", type=int, nargs="*", default=[0, 1, 2, 3])
+    p.add_argument("--tols", type=float, nargs="*", default=[1e-3, 3e-4, 1e-4])
+    p.add_argument("--newton", type=int, default=0, metavar="K",
+                   help="also run K sweeps of exact-Jacobian Newton (a reference, see above; 0: skip)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -50,11 +62,47 @@ def main() -> None:
     for m in args.anderson:
         for k in args.sweeps:
             record("fixed sweeps", method="block", block=args.steps, sweeps=k, tol=0.0, anderson=m)
+    if args.newton:
+        for k, err in enumerate(newton(model, args.cfg, steps, x_T, y, args.newton), 1):
+            rows.append({"kind": "newton (exact Jacobians, reference)", "sweeps": k, "max_abs_err": err})
+            print(f"newton (exact Jacobians) {k} sweeps: max abs err {err:.1e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"checkpoint": args.checkpoint, "seeds": args.seeds, "steps": args.steps, "cfg": args.cfg,
                        "rows": rows}, f, indent=1)
         print(f"written to {args.json}")
+
+
+def newton(model, cfg: float, steps: D.Steps, x_T, y, sweeps: int) -> list[float]:
+    """Max abs error of the final images after each of `sweeps` exact Newton sweeps (deterministic samplers)."""
+    if steps.stochastic or steps.kind == "ode":
+        raise SystemExit("--newton needs a deterministic one-call step (ddim, eta 0)")
+    m64 = copy.deepcopy(model).double()
+    x_T = x_T.double()
+    eps = D.noise_predictor(m64, cfg)
+    ref = D.sample(eps, x_T, steps, y=y).x
+    op = D.PicardOperator(eps, steps, x_T, None, y)
+    B, N = x_T.shape[0], steps.n
+    idx, rows = torch.arange(N).repeat(B), torch.arange(B).repeat_interleave(N)
+    x = x_T[:, None].repeat(1, N, *(1,) * (x_T.dim() - 1))  # x[:, n]: the input of step n
+    every = torch.arange(B)
+    errs = []
+    with torch.no_grad():
+        for _ in range(sweeps):
+            g = op.step(x.flatten(0, 1), idx, rows).view_as(x)  # the one batched call of this sweep
+            new = x.clone()
+            for n in range(N):  # the Newton recurrence, one Jacobian-vector product per step
+                d = new[:, n] - x[:, n]
+                out = g[:, n]
+                if bool(d.any()):
+                    h = (1e-5 / d.flatten(1).norm(dim=1).clamp_min(1e-300)).view(-1, *(1,) * (d.dim() - 1))
+                    at = torch.full((B,), n)
+                    out = out + (op.step(x[:, n] + h * d, at, every) - op.step(x[:, n] - h * d, at, every)) / (2 * h)
+                if n + 1 < N:
+                    new[:, n + 1] = out
+            errs.append(float((out - ref).abs().max()))
+            x = new
+    return errs
 
 
 if __name__ == "__main__":

@@ -166,14 +166,18 @@ def test_diffusion_auto_is_parallel_only_where_it_was_measured_to_win():
     from pargen.cli import diffusion as dm
 
     meta = {"sample_defaults": {"guidance": 3.0, "parallel": {
-        "ddim": {"method": "picard", "window": 4, "tol": 0.01, "max_batch": 2},
-        "ode": {"method": "picard", "window": 8, "tol": 0.001, "max_batch": 0}}}}
+        "ddim": {"method": "picard", "window": 4, "tol": 0.01, "max_batch": 2, "steps": 100, "guidance": 3.0},
+        "ode": {"method": "picard", "window": 8, "tol": 0.001, "max_batch": 0, "steps": 50, "guidance": 3.0}}}}
     assert dm.settings(meta, batch=2).method == "picard" and dm.settings(meta, batch=2).window == 4
     assert dm.settings(meta, batch=3).method == "sequential"
     assert dm.settings(meta, sampler="ode", batch=1).method == "sequential"  # never measured to win
     assert dm.settings(meta, method="block", batch=64).method == "block"  # an explicit method is kept
-    st = dm.settings(meta, sampler="ddpm")
-    assert (st.steps, st.window, st.guidance) == (1000, 16, 3.0)
+    # the tolerance was chosen against the sequential answer at 100 steps, guidance 3, eta 0: nowhere else
+    for flags in ({"steps": 50}, {"cfg": 1.0}, {"eta": 0.5}):
+        st = dm.settings(meta, batch=1, **flags)
+        assert st.method == "sequential" and dm.settings(meta, batch=1, method="picard", **flags).window == 4
+    st = dm.settings(meta, sampler="ddpm")  # no calibration at all
+    assert (st.method, st.steps, st.window, st.guidance) == ("sequential", 1000, 16, 3.0)
 
 
 def test_calibrate_diffusion_stores_settings_within_the_error_against_sequential(tmp_path):

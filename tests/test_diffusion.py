@@ -52,6 +52,36 @@ def test_parallel_samplers_reproduce_sequential_at_zero_tolerance(kind, eta):
         torch.testing.assert_close(par.trajectory, seq.trajectory, atol=1e-10, rtol=0)
 
 
+def test_newton_reference_of_the_rounds_study_is_exact_and_needs_fewer_sweeps_than_picard():
+    """benchmarks/diffusion_rounds.py --newton: exact after at most N sweeps (causality), and in fewer than the
+    plain fixed sweeps it is a bound for."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "diffusion_rounds.py"
+    spec = importlib.util.spec_from_file_location("diffusion_rounds", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    torch.manual_seed(0)
+    net = registry.create("denoiser-tiny").eval()
+    for p in net.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    n = 10
+    steps = D.make_steps(net.alphas_cumprod, n, "ddim")
+    x_T, _ = D.draw([3, 4], (1, 8, 8), steps)
+    y = torch.tensor([1, 7])
+    errs = study.newton(net, 3.0, steps, x_T, y, n)
+    assert len(errs) == n and errs[-1] < 1e-10
+    eps = D.noise_predictor(net.double(), 3.0)
+    ref = D.sample(eps, x_T.double(), steps, y=y).x
+    picard = [float((D.sample(eps, x_T.double(), steps, y=y, method="block", block=n, sweeps=k, tol=0.0).x - ref)
+                    .abs().max()) for k in range(1, n + 1)]
+    first = (lambda e: next(k for k, v in enumerate(e, 1) if v < 1e-9))
+    assert first(errs) < first(picard) <= n
+    with pytest.raises(SystemExit, match="deterministic"):
+        study.newton(net, 3.0, D.make_steps(net.alphas_cumprod, n, "ddpm"), x_T, y, 1)
+
+
 def test_picard_cuts_rounds_and_error_follows_tolerance():
     eps, steps, x_T, noise, y = setup("ddim", n=100)
     seq = D.sample(eps, x_T, steps, y=y)

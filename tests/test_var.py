@@ -175,8 +175,8 @@ def test_uncached_sampling_gives_the_same_tokens(var_oracle, var_model, vae):
 
 
 def test_official_var_d16_layout_on_the_meta_device(tmp_path):
-    """var_d16.pth: 220 keys, C 1024, 16 heads, L 680, 310.28M parameters; loads from a weights_only .pth."""
-    from pargen.convert.var import load_var, var_config
+    """var_d16.pth: 220 keys, C 1024, 16 heads, L 680, 310.28M parameters, and the config read back from them."""
+    from pargen.convert.var import var_config
 
     with torch.device("meta"):
         m = registry.create("var-d16")

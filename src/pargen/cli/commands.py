@@ -24,7 +24,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        choices=sorted(set(TARFLOW_METHODS + DIFFUSION_METHODS + ("sjd",))),
                        help="sampler. TarFlow: auto (calibrated GS-Jacobi plan), sequential, jacobi, gs-jacobi. "
                             "Diffusion: auto (the checkpoint's tuned parallel setting where it was measured to "
-                            "win, i.e. small batches; sequential above), sequential, picard "
+                            "win, i.e. small batches at the calibrated steps and guidance; sequential elsewhere), "
+                            "sequential, picard "
                             "(sliding window), block (block Picard). Raster AR and CTF: sequential (auto), jacobi "
                             "(Jacobi decoding, the same tokens), sjd (speculative Jacobi decoding, the same "
                             "distribution); --window tokens per pass")

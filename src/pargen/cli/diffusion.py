@@ -54,7 +54,9 @@ def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None
     `calibrate`).
 
     "auto" is the calibrated parallel method up to its `max_batch` images per batch (where it was measured to win)
-    and the sequential sampler above."""
+    and the sequential sampler above, and also wherever no calibration covers the run: a record holds for the
+    steps and guidance it was measured at (and eta 0), since its tolerance was chosen against that sequential
+    answer."""
     d = meta.get("sample_defaults", {})
     sampler = sampler or d.get("sampler", "ddim")
     if sampler not in D.SAMPLERS:
@@ -64,13 +66,15 @@ def settings(meta: dict[str, Any], sampler: str | None = None, steps: int | None
     per = d.get("parallel", {}).get(sampler, {})
     pick = (lambda v, k, default: per.get(k, default) if v is None else v)
     s = Settings(sampler=sampler, steps=steps or DEFAULT_STEPS[sampler], eta=0.0 if eta is None else eta,
-                 guidance=d.get("guidance", 1.0) if cfg is None else cfg,
-                 method=method if method != "auto" else per.get("method", "picard")
-                 if batch <= per.get("max_batch", batch) else "sequential",
+                 guidance=d.get("guidance", 1.0) if cfg is None else cfg, method=method,
                  window=pick(window, "window", 16), tol=pick(tol, "tol", 0.1), block=pick(block, "block", 20),
                  sweeps=pick(sweeps, "sweeps", 4), anderson=pick(anderson, "anderson", 0))
     if s.sampler != "ddim" and s.eta:
         raise PargenError("--eta applies to the ddim sampler only")
+    if method == "auto":
+        covered = bool(per) and (per.get("steps"), per.get("guidance"), 0.0) == (s.steps, s.guidance, s.eta)
+        s = dataclasses.replace(s, method=per.get("method", "picard") if covered and batch <= per.get("max_batch", 0)
+                                else "sequential")
     return s
 
 
@@ -139,9 +143,6 @@ def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: l
 
     Under torchrun the ranks share the batch, or with `split_calls` every rank runs the whole batch and each model
     call (the sequential sampler's too) is split over them."""
-    from .. import distributed
-
-    rank = distributed.world()[0]
     records = []
     shape = (model.config.in_channels, model.config.img_size, model.config.img_size)
     for name in samplers:
@@ -156,24 +157,26 @@ def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: l
             def runner(method, **over):
                 def go():
                     res = run(model, x_T, noise, y, st, steps, method=method, split_calls=split_calls, **over)
-                    # split calls: every rank holds the whole answer, so rank 0 gives it to the gathered output
-                    return res.x if rank == 0 or not split_calls else res.x[:0], cost(res)
+                    return res.x, cost(res)
                 return go
 
             ratio = call_cost_ratio(model, len(seeds), st.window, st.guidance, split=split_calls)
             extra = {"sampler": name, "steps": st.steps, "guidance": st.guidance,
                      "call_cost_ratio": round(ratio["ratio"], 2), **({"split": "calls"} if split_calls else {})}
             methods = [benchmod.Method("picard", runner("picard", anderson=0),
-                                       {**extra, "window": st.window, "tol": st.tol}),
+                                       {**extra, "window": st.window, "tol": st.tol}, replicated=split_calls),
                        benchmod.Method("block", runner("block", anderson=0),
-                                       {**extra, "block": st.block, "sweeps": st.sweeps, "tol": st.tol})]
+                                       {**extra, "block": st.block, "sweeps": st.sweeps, "tol": st.tol},
+                                       replicated=split_calls)]
             aa = st.anderson or 3
             methods.append(benchmod.Method("picard+anderson", runner("picard", anderson=aa),
-                                           {**extra, "window": st.window, "tol": st.tol, "anderson": aa}))
+                                           {**extra, "window": st.window, "tol": st.tol, "anderson": aa},
+                                           replicated=split_calls))
             print(f"  {dataclasses.replace(st, method='picard').describe()}, batch {B}: one call on "
                   f"{B * st.window} images costs {ratio['ratio']:.2f}x "
                   f"one call on {B}")
-            records += benchmod.run("diffusion", benchmod.Method("sequential", runner("sequential"), extra),
+            records += benchmod.run("diffusion", benchmod.Method("sequential", runner("sequential"), extra,
+                                                                    replicated=split_calls),
                                     methods, batch=B, seed=seed, repeats=repeats)
     return records
 

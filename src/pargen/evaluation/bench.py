@@ -27,6 +27,7 @@ class Method:
     run: Callable[[], tuple[Tensor, dict[str, Any]]]  # -> (output, {"rounds": .., "nfe": .., ...})
     extra: dict[str, Any] = field(default_factory=dict)
     compare: bool = True  # False: another model (errors against the baseline mean nothing, left empty)
+    replicated: bool = False  # under torchrun every rank computes the whole output (not a share of the batch)
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
@@ -42,7 +43,8 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
 
 def _time(m: Method, repeats: int, warmup: int) -> tuple[Tensor, dict[str, Any], list[float]]:
     """Under torchrun each rank runs its share of the batch: runs start together (barrier), a run's time is the
-    slowest rank's, so are its rounds and nfe, and the output is every rank's rows in rank order."""
+    slowest rank's, so are its rounds and nfe, and the output is every rank's rows in rank order (a replicated
+    method's output is already whole on every rank)."""
     _, world = distributed.world()
     for _ in range(warmup):
         m.run()
@@ -63,7 +65,7 @@ def _time(m: Method, repeats: int, warmup: int) -> tuple[Tensor, dict[str, Any],
                 v = torch.tensor(cost[k])
                 dist.all_reduce(v, op=dist.ReduceOp.MAX)
                 cost = {**cost, k: int(v)}
-    return distributed.gather(out), cost, times
+    return (out if m.replicated else distributed.gather(out)), cost, times
 
 
 def run(family: str, baseline: Method, methods: list[Method], *, batch: int, seed: int, repeats: int = 5,
