@@ -13,6 +13,7 @@ mixing) approximate its Jacobians from earlier sweeps, and its sweep count is wh
 ones.
 
     python benchmarks/diffusion_rounds.py --checkpoint denoiser-mnist --seeds 0 1 2 3 --json docs/diffusion_rounds.json
+    python benchmarks/diffusion_rounds.py --plot docs/diffusion_rounds.png --from docs/diffusion_rounds*.json
 """
 from __future__ import annotations
 
@@ -39,7 +40,18 @@ def main() -> None:
     p.add_argument("--newton", type=int, default=0, metavar="K",
                    help="also run K sweeps of exact-Jacobian Newton (a reference, see above; 0: skip)")
     p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, metavar="PNG", help="error against rounds, one panel per study")
+    p.add_argument("--from", dest="saved", nargs="+", default=None, metavar="JSON",
+                   help="with --plot: draw these saved studies instead of measuring")
     args = p.parse_args()
+    if args.saved:
+        if not args.plot:
+            p.error("--from needs --plot")
+        studies = []
+        for path in args.saved:
+            with open(path) as f:
+                studies.append(json.load(f))
+        return plot(studies, args.plot)
 
     model, _ = checkpoint.load(checkpoint.resolve(args.checkpoint))
     eps = D.noise_predictor(model, args.cfg)
@@ -66,11 +78,13 @@ def main() -> None:
         for k, err in enumerate(newton(model, args.cfg, steps, x_T, y, args.newton), 1):
             rows.append({"kind": "newton (exact Jacobians, reference)", "sweeps": k, "max_abs_err": err})
             print(f"newton (exact Jacobians) {k} sweeps: max abs err {err:.1e}", flush=True)
+    study = {"checkpoint": args.checkpoint, "seeds": args.seeds, "steps": args.steps, "cfg": args.cfg, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.checkpoint, "seeds": args.seeds, "steps": args.steps, "cfg": args.cfg,
-                       "rows": rows}, f, indent=1)
+            json.dump(study, f, indent=1)
         print(f"written to {args.json}")
+    if args.plot:
+        plot([study], args.plot)
 
 
 def newton(model, cfg: float, steps: D.Steps, x_T, y, sweeps: int) -> list[float]:
@@ -103,6 +117,43 @@ def newton(model, cfg: float, steps: D.Steps, x_T, y, sweeps: int) -> list[float
             errs.append(float((out - ref).abs().max()))
             x = new
     return errs
+
+
+def plot(studies: list[dict], path: str, budget: float = 2e-3, rounds: int = 7) -> None:
+    """Max abs error against rounds (sweeps for Newton): fixed sweeps per Anderson depth, the adaptive window's
+    runs as points, Newton dashed; the target (at most `rounds` rounds within `budget`) shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(studies), figsize=(5.2 * len(studies) + 2.4, 4), squeeze=False)
+    for ax, st in zip(axes[0], studies):
+        rows = st["rows"]
+        depths = sorted({r["anderson"] for r in rows if "anderson" in r})
+        for m, color in zip(depths, plt.cm.viridis([i / max(len(depths), 1) for i in range(len(depths))])):
+            fixed = sorted((r["rounds"], r["max_abs_err"]) for r in rows
+                           if r["kind"] == "fixed sweeps" and r["anderson"] == m)
+            win = [(r["rounds"], r["max_abs_err"]) for r in rows if r["kind"] == "window" and r["anderson"] == m]
+            label = "plain Picard" if m == 0 else f"Anderson {m}"
+            if fixed:
+                ax.plot(*zip(*fixed), "o-", color=color, ms=3, label=f"fixed sweeps, {label}")
+            if win:
+                ax.plot(*zip(*win), "^", color=color, ms=6, mfc="none", label=f"adaptive window, {label}")
+        nt = sorted((r["sweeps"], r["max_abs_err"]) for r in rows if r["kind"].startswith("newton"))
+        if nt:
+            ax.plot(*zip(*nt), "k--", marker="s", ms=3, label="Newton, exact Jacobians (not parallel)")
+        ax.fill_between([0, rounds], 1e-16, budget, color="tab:green", alpha=0.12, label="target")
+        ax.axhline(budget, color="tab:green", lw=0.8)
+        ax.set(yscale="log", xlabel="rounds (sequential model calls; Newton: sweeps)", ylabel="max abs error",
+               xlim=(0, 21), ylim=(1e-6, 1e3),
+               title=f"{st['checkpoint']}: DDIM {st['steps']}, guidance {st['cfg']:g}, {len(st['seeds'])} seeds")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":

@@ -52,16 +52,21 @@ def test_parallel_samplers_reproduce_sequential_at_zero_tolerance(kind, eta):
         torch.testing.assert_close(par.trajectory, seq.trajectory, atol=1e-10, rtol=0)
 
 
-def test_newton_reference_of_the_rounds_study_is_exact_and_needs_fewer_sweeps_than_picard():
-    """benchmarks/diffusion_rounds.py --newton: exact after at most N sweeps (causality), and in fewer than the
-    plain fixed sweeps it is a bound for."""
+def rounds_study():
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "diffusion_rounds.py"
     spec = importlib.util.spec_from_file_location("diffusion_rounds", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_newton_reference_of_the_rounds_study_is_exact_and_needs_fewer_sweeps_than_picard(tmp_path):
+    """benchmarks/diffusion_rounds.py --newton: exact after at most N sweeps (causality), and in fewer than the
+    plain fixed sweeps it is a bound for."""
+    study = rounds_study()
     torch.manual_seed(0)
     net = registry.create("denoiser-tiny").eval()
     for p in net.parameters():
@@ -80,6 +85,12 @@ def test_newton_reference_of_the_rounds_study_is_exact_and_needs_fewer_sweeps_th
     assert first(errs) < first(picard) <= n
     with pytest.raises(SystemExit, match="deterministic"):
         study.newton(net, 3.0, D.make_steps(net.alphas_cumprod, n, "ddpm"), x_T, y, 1)
+    rows = ([{"kind": "fixed sweeps", "anderson": 0, "rounds": k, "max_abs_err": e} for k, e in enumerate(picard, 1)]
+            + [{"kind": "newton (exact Jacobians, reference)", "sweeps": k, "max_abs_err": e}
+               for k, e in enumerate(errs, 1)])
+    png = tmp_path / "rounds.png"
+    study.plot([{"checkpoint": "denoiser-tiny", "steps": n, "cfg": 3.0, "seeds": [3, 4], "rows": rows}], str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_picard_cuts_rounds_and_error_follows_tolerance():
