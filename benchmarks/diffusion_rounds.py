@@ -8,9 +8,8 @@ its rounds and the max abs error of the final images against the sequential samp
 `--newton K` adds a reference that is not a parallel sampler: Newton's method on the whole trajectory with exact
 Jacobians (float64; Jacobian-vector products by central differences), x[n+1] <- step_n(x_old[n]) +
 J_n(x_old[n]) (x_new[n] - x_old[n]). Each sweep is one batched call over all steps plus N *sequential*
-Jacobian-vector products, so it cannot run in K rounds; the acceleration schemes above (Anderson, secant
-mixing) approximate its Jacobians from earlier sweeps, and its sweep count is what they would reach with exact
-ones.
+Jacobian-vector products, so it cannot run in K rounds. Anderson mixing (above) and ParaSolver-style corrections
+approximate its Jacobians from earlier sweeps; its sweep count is what they would reach with exact ones.
 
     python benchmarks/diffusion_rounds.py --checkpoint denoiser-mnist --seeds 0 1 2 3 --json docs/diffusion_rounds.json
     python benchmarks/diffusion_rounds.py --plot docs/diffusion_rounds.png --from docs/diffusion_rounds*.json
