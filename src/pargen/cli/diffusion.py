@@ -154,30 +154,28 @@ def bench(model: Denoiser, meta: dict[str, Any], samplers: list[str], batches: l
             x_T, noise = D.draw(seeds, shape, steps)
             y = labels_for(model, seeds, None)
 
-            def runner(method, **over):
-                def go():
-                    res = run(model, x_T, noise, y, st, steps, method=method, split_calls=split_calls, **over)
-                    return res.x, cost(res)
-                return go
-
             ratio = call_cost_ratio(model, len(seeds), st.window, st.guidance, split=split_calls)
             extra = {"sampler": name, "steps": st.steps, "guidance": st.guidance,
                      "call_cost_ratio": round(ratio["ratio"], 2), **({"split": "calls"} if split_calls else {})}
-            methods = [benchmod.Method("picard", runner("picard", anderson=0),
-                                       {**extra, "window": st.window, "tol": st.tol}, replicated=split_calls),
-                       benchmod.Method("block", runner("block", anderson=0),
-                                       {**extra, "block": st.block, "sweeps": st.sweeps, "tol": st.tol},
-                                       replicated=split_calls)]
+
+            def measured(label: str, method: str, info: dict[str, Any], **over) -> benchmod.Method:
+                def go():
+                    res = run(model, x_T, noise, y, st, steps, method=method, split_calls=split_calls, **over)
+                    return res.x, cost(res)
+                # split calls: every rank computes the whole batch, so there is nothing to gather
+                return benchmod.Method(label, go, {**extra, **info}, replicated=split_calls)
+
             aa = st.anderson or 3
-            methods.append(benchmod.Method("picard+anderson", runner("picard", anderson=aa),
-                                           {**extra, "window": st.window, "tol": st.tol, "anderson": aa},
-                                           replicated=split_calls))
+            window = {"window": st.window, "tol": st.tol}
+            methods = [measured("picard", "picard", window, anderson=0),
+                       measured("block", "block", {"block": st.block, "sweeps": st.sweeps, "tol": st.tol},
+                                anderson=0),
+                       measured("picard+anderson", "picard", {**window, "anderson": aa}, anderson=aa)]
             print(f"  {dataclasses.replace(st, method='picard').describe()}, batch {B}: one call on "
                   f"{B * st.window} images costs {ratio['ratio']:.2f}x "
                   f"one call on {B}")
-            records += benchmod.run("diffusion", benchmod.Method("sequential", runner("sequential"), extra,
-                                                                    replicated=split_calls),
-                                    methods, batch=B, seed=seed, repeats=repeats)
+            records += benchmod.run("diffusion", measured("sequential", "sequential", {}), methods, batch=B,
+                                    seed=seed, repeats=repeats)
     return records
 
 
