@@ -22,8 +22,7 @@ import json
 
 import torch
 
-from pargen import checkpoint
-from pargen.cli.common import labels_for
+import pargen
 from pargen.samplers import diffusion as D
 
 
@@ -52,12 +51,13 @@ def main() -> None:
                 studies.append(json.load(f))
         return plot(studies, args.plot)
 
-    model, _ = checkpoint.load(checkpoint.resolve(args.checkpoint))
+    pipe = pargen.load(args.checkpoint)
+    model = pipe.model
     eps = D.noise_predictor(model, args.cfg)
     steps = D.make_steps(model.alphas_cumprod, args.steps, "ddim")
     c = model.config
     x_T, _ = D.draw(args.seeds, (c.in_channels, c.img_size, c.img_size), steps)
-    y = labels_for(model, args.seeds, None)
+    y = pipe.labels(args.seeds)
     ref = D.sample(eps, x_T, steps, y=y).x
     rows = []
 

@@ -23,6 +23,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(autouse=True)
+def _user_dir(tmp_path_factory, monkeypatch):
+    """Calibration records of bundled checkpoints go to the user directory: a fresh one per test, never ~."""
+    monkeypatch.setenv("PARGEN_HOME", str(tmp_path_factory.mktemp("pargen-home")))
+
+
+@pytest.fixture(autouse=True)
 def _deterministic():
     torch.use_deterministic_algorithms(True)
     yield

@@ -28,7 +28,16 @@ def run_cli(*args):
     (["sample", "classifier-mnist"], "classifier checkpoint"),
     (["sample", "tarflow-mnist", "--method", "magic"], "invalid choice"),
     (["bench", "unknown-family"], "invalid choice"),
-    (["sample", "tarflow-mnist", "--method", "picard"], "unknown method"),
+    (["sample", "tarflow-mnist", "--method", "picard"], "samples with method auto, sequential, jacobi, gs-jacobi"),
+    (["sample", "var-mnist", "--method", "jacobi"], "samples with method auto, sequential; not 'jacobi'"),
+    (["sample", "tarflow-mnist", "--window", "4"], "does not take window"),
+    (["sample", "raster-mnist", "--top-k", "-5"], "top_k must be >= 0"),
+    (["sample", "raster-mnist", "--top-p", "2"], "top_p must be in [0, 1]"),
+    (["sample", "vq-mnist"], "not a generator"),
+    (["--device", "foo", "sample", "tarflow-mnist"], "unknown device"),
+    (["--device", "cuda", "sample", "tarflow-mnist"], "no CUDA device"),
+    (["bench", "tarflow", "--checkpoint", "var-mnist"], "bench tarflow takes tarflow checkpoints"),
+    (["sample", "denoiser-mnist", "--method", "block", "--block", "500", "--steps", "100"], "longer than the 100"),
     (["sample", "var-mnist", "--split", "calls"], "--split calls splits the model calls of a diffusion sampler"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
@@ -82,7 +91,7 @@ def test_calibrate_tarflow_saves_a_plan_per_batch_that_meets_the_error_target(tm
     assert main(["train", "tarflow-tiny", "--data", "digits", "--steps", "5", "--batch-size", "8",
                  "--out", str(out)]) == 0
     assert main(["calibrate", "tarflow", str(out), "--data", "digits", "--batch", "1", "3", "--tol", "1e-5"]) == 0
-    doc = json.loads(cal.plan_path(out).read_text())
+    doc = json.loads(checkpoint.record_path(out, cal.PLAN).read_text())
     assert set(doc["by_batch"]) == {"1", "3"} and len(doc["diagnostics"]) == 2
     model, _ = checkpoint.load(out)
     T = model.config.seq_len
@@ -163,45 +172,49 @@ def test_train_tokenizer_then_var_on_it(tmp_path):
 
 
 def test_diffusion_auto_is_parallel_only_where_it_was_measured_to_win():
-    from pargen.cli import diffusion as dm
+    from pargen.pipelines.diffusion import resolve
 
-    meta = {"sample_defaults": {"guidance": 3.0, "parallel": {
+    d = {"guidance": 3.0, "parallel": {
         "ddim": {"method": "picard", "window": 4, "tol": 0.01, "max_batch": 2, "steps": 100, "guidance": 3.0},
-        "ode": {"method": "picard", "window": 8, "tol": 0.001, "max_batch": 0, "steps": 50, "guidance": 3.0}}}}
-    assert dm.settings(meta, batch=2).method == "picard" and dm.settings(meta, batch=2).window == 4
-    assert dm.settings(meta, batch=3).method == "sequential"
-    assert dm.settings(meta, sampler="ode", batch=1).method == "sequential"  # never measured to win
-    assert dm.settings(meta, method="block", batch=64).method == "block"  # an explicit method is kept
+        "ode": {"method": "picard", "window": 8, "tol": 0.001, "max_batch": 0, "steps": 50, "guidance": 3.0}}}
+    assert resolve(d, batch=2).method == "picard" and resolve(d, batch=2).window == 4
+    assert resolve(d, batch=3).method == "sequential"
+    assert resolve(d, sampler="ode", batch=1).method == "sequential"  # never measured to win
+    assert resolve(d, method="block", batch=64).method == "block"  # an explicit method is kept
     # the tolerance was chosen against the sequential answer at 100 steps, guidance 3, eta 0: nowhere else
     for flags in ({"steps": 50}, {"cfg": 1.0}, {"eta": 0.5}):
-        st = dm.settings(meta, batch=1, **flags)
-        assert st.method == "sequential" and dm.settings(meta, batch=1, method="picard", **flags).window == 4
-    st = dm.settings(meta, sampler="ddpm")  # no calibration at all
+        st = resolve(d, batch=1, **flags)
+        assert st.method == "sequential" and resolve(d, batch=1, method="picard", **flags).window == 4
+    st = resolve(d, sampler="ddpm")  # no calibration at all
     assert (st.method, st.steps, st.window, st.guidance) == ("sequential", 1000, 16, 3.0)
 
 
 def test_calibrate_diffusion_stores_settings_within_the_error_against_sequential(tmp_path):
+    import pargen
     from pargen import checkpoint
-    from pargen.cli import diffusion as dm
-    from pargen.samplers import diffusion as D
+    from pargen.pipelines import diffusion as dm
 
     out = tmp_path / "dn"
     assert main(["train", "denoiser-tiny", "--data", "digits", "--steps", "5", "--batch-size", "8",
                  "--out", str(out)]) == 0
+    before = checkpoint.read_meta(out)
     assert main(["calibrate", "diffusion", str(out), "--samplers", "ddim", "--steps", "20", "--seeds", "2",
                  "--max-err", "1e-3", "--batch", "1", "2"]) == 0
-    model, meta = checkpoint.load(out)
-    rec = meta["sample_defaults"]["parallel"]["ddim"]
+    assert checkpoint.read_meta(out) == before  # the record goes beside the checkpoint, not into it
+    rec = json.loads(checkpoint.record_path(out, dm.CALIBRATION).read_text())["parallel"]["ddim"]
     assert rec["window"] in dm.WINDOWS and rec["tol"] in dm.TOLS and rec["max_batch"] in (0, 1, 2)
-    st = dm.settings(meta, steps=20, method="picard")
-    steps = dm.make_steps(model, st)
-    x_T, noise = D.draw([1000, 1001], (1, 8, 8), steps)
+    pipe = pargen.load(out)  # a fresh pipeline reads the record
+    st = pipe.settings("picard", steps=20)
+    assert (st.window, st.tol) == (rec["window"], rec["tol"])
+    x_T, noise = pipe.draw([1000, 1001], st)
     y = torch.tensor([0, 1])
-    ref = dm.run(model, x_T, noise, y, st, steps, method="sequential").x
-    got = dm.run(model, x_T, noise, y, st, steps)  # the stored window and tolerance, checked here again
-    err = float((got.x - ref).abs().max())
+    ref = pipe.solve(x_T, noise, y, st, method="sequential").x
+    got = pipe.solve(x_T, noise, y, st)  # the stored window and tolerance, checked here again
+    err = float((got.x.double() - ref.double()).abs().max())
     assert err == pytest.approx(rec["max_abs_err"], abs=1e-7) and err <= 1e-3
     assert got.rounds == rec["rounds"] < 20
+    auto = pipe.settings("auto", batch=1, steps=20)
+    assert auto.method == ("picard" if rec["max_batch"] >= 1 else "sequential")
 
 
 DEMO_IMAGES = ("tarflow_sequential.png", "tarflow_fast.png", "tarflow_residuals.png", "diffusion_sequential.png",
@@ -256,15 +269,29 @@ def test_demo_report_renders_in_headless_chromium(demo_report, tmp_path):
     assert pixels.shape == (2400, 1200) and pixels.min() < 50 and pixels.max() > 200  # text and images drawn
 
 
-def test_eval_on_a_folder_of_images(tmp_path):
+def test_eval_on_a_folder_of_images_two_sets_and_npz(tmp_path):
     from pargen import data, images
+    from pargen.evaluation import metrics
 
-    digits = data.load("digits", "test")
-    images.save_each(digits.float(slice(0, 12)), tmp_path / "imgs", [f"{i}" for i in range(12)])
+    test = data.load("mnist", "test")
+    a, b = test.float(slice(0, 40)), test.float(slice(40, 80))
+    images.save_each(a, tmp_path / "a", [f"{i}" for i in range(40)])
+    images.save_each(b, tmp_path / "b", [f"{i}" for i in range(40)])
+    images.save_npz(b, tmp_path / "b.npz")
     out = tmp_path / "scores.json"
-    assert main(["eval", f"folder:{tmp_path / 'imgs'}", "--data", "digits", "--n", "12", "--json", str(out)]) == 0
+    assert main(["eval", f"folder:{tmp_path / 'a'}", "--n", "40", "--json", str(out)]) == 0
     scores = json.loads(out.read_text())
-    assert scores["n"] == 12 and scores["classifier_fid"] >= 0 and 1 <= scores["classifier_is"] <= 10
+    assert scores["n"] == 40 and scores["classifier_fid"] >= 0 and 1 <= scores["classifier_is"] <= 10
+    clf, _ = __import__("pargen").checkpoint.load(__import__("pargen").checkpoint.resolve("classifier-mnist"))
+    want = metrics.scores(b, a, metrics.classifier_features(clf), clf)["fid"]  # PNG / npz round trips are exact
+    for second in (["--folder", str(tmp_path / "b")], ["--npz", str(tmp_path / "b.npz")]):
+        assert main(["eval", "--folder", str(tmp_path / "a"), *second, "--json", str(out)]) == 0
+        got = json.loads(out.read_text())
+        assert got["n"] == got["n_reference"] == 40 and got["classifier_fid"] == pytest.approx(want, rel=1e-6)
+    # digits are 8x8 colour-less images: not what the MNIST classifier scores, so refused rather than scored
+    images.save_each(data.load("digits", "test").float(slice(0, 12)), tmp_path / "d", [f"{i}" for i in range(12)])
+    r = run_cli("eval", "--folder", str(tmp_path / "d"))
+    assert r.returncode == 2 and "1x8x8 but the metric network classifier-mnist scores 1x28x28" in r.stderr
 
 
 def test_lowrank_analyze_bench_and_sampling_on_the_bundled_var(tmp_path, capsys):
@@ -288,7 +315,7 @@ def test_lowrank_analyze_bench_and_sampling_on_the_bundled_var(tmp_path, capsys)
     assert res["model"]["attn_output_rel_err_per_layer"] and res["model"]["state_bytes_per_image"] > 0
     grid = tmp_path / "g.png"
     assert main(["sample", "var-mnist", "--n", "2", "--out", str(grid), "--lowrank-layers", "0,3"]) == 0
-    assert "low-rank taylor degree 2 (rank 561) in layers [0, 3]" in capsys.readouterr().out
+    assert "low-rank taylor degree 2 in layers [0, 3]" in capsys.readouterr().out
     r = run_cli("sample", "var-mnist", "--n", "1", "--out", str(grid), "--lowrank-layers", "7")
     assert r.returncode == 2 and "out of range" in r.stderr
     r = run_cli("analyze", "var", "var-mnist", "--degrees", "9")

@@ -148,3 +148,50 @@ def resolve(name_or_path: str) -> Path:
         return b
     raise PargenError(f"no checkpoint {name_or_path!r} (neither a path nor one of the bundled: "
                       f"{', '.join(sorted(q.stem for q in BUNDLED.glob('*.json'))) or 'none'})")
+
+
+def user_dir() -> Path:
+    """Where pargen writes what belongs to the user, not to a checkpoint they own: `$PARGEN_HOME`, else
+    `$XDG_CACHE_HOME/pargen`, else `~/.cache/pargen`."""
+    if os.environ.get("PARGEN_HOME"):
+        return Path(os.environ["PARGEN_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pargen"
+
+
+def is_bundled(path: str | os.PathLike) -> bool:
+    return stem(path).resolve().parent == BUNDLED.resolve()
+
+
+def record_path(ckpt: str | os.PathLike, suffix: str) -> Path:
+    """Where a calibration record of `ckpt` (e.g. suffix `.plan.json`) is written: beside the checkpoint, or in
+    the user directory for a bundled one (the installed package is never written to)."""
+    s = stem(ckpt)
+    if is_bundled(s):
+        return user_dir() / "calibration" / (s.name + suffix)
+    return s.with_name(s.name + suffix)
+
+
+def find_record(ckpt: str | os.PathLike, suffix: str) -> Path | None:
+    """The record `record_path` names if it was written, else the one shipped beside the checkpoint, else None."""
+    s = stem(ckpt)
+    for p in (record_path(s, suffix), s.with_name(s.name + suffix)):
+        if p.exists():
+            return p
+    return None
+
+
+def read_record(ckpt: str | os.PathLike, suffix: str) -> tuple[dict[str, Any] | None, Path | None]:
+    """(the record as a dict, its path), or (None, None) when there is none."""
+    p = find_record(ckpt, suffix)
+    if p is None:
+        return None, None
+    try:
+        return json.loads(p.read_text()), p
+    except json.JSONDecodeError as e:
+        raise PargenError(f"calibration record {p} is corrupt: {e}") from None
+
+
+def write_record(ckpt: str | os.PathLike, suffix: str, doc: dict[str, Any]) -> Path:
+    p = record_path(ckpt, suffix)
+    atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    return p

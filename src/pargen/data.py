@@ -163,6 +163,8 @@ def _folder(root: Path, split: str, size: int | None) -> ImageData:
     if len({a.shape for a in arrs}) > 1:
         raise PargenError(f"images in {root} differ in size; pass a size to resize them")
     images = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    if bool((images == images[:, :1]).all()):  # greyscale files (or colour ones that are all grey): one channel
+        images = images[:, :1].contiguous()
     labels = torch.tensor([i for _, i in items]) if classes else None
     return ImageData(images, labels, len(classes), f"folder:{root}")
 

@@ -43,3 +43,27 @@ def save_each(x: Tensor, folder: str | Path, names: list[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for a, name in zip(to_uint8(x), names):
         Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f"{name}.png")
+
+
+def save_npz(x: Tensor, path: str | Path) -> Path:
+    """The images as an ADM-style .npz: `arr_0`, (N, H, W, C) uint8 (what guided-diffusion's evaluator reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, arr_0=to_uint8(x))
+    return path
+
+
+def load_npz(path: str | Path) -> Tensor:
+    """(N, C, H, W) in [-1, 1] from an ADM-style .npz (`arr_0`: N x H x W x C uint8, or N x H x W)."""
+    from .errors import PargenError
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arr = f["arr_0"] if "arr_0" in f else f[f.files[0]]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise PargenError(f"{path} is not a readable .npz of images ({e})") from None
+    if arr.dtype != np.uint8 or arr.ndim not in (3, 4):
+        raise PargenError(f"{path}: expected arr_0 as N x H x W x C uint8, got {arr.dtype} {arr.shape}")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1)

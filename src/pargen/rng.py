@@ -29,6 +29,22 @@ class SampleRNG:
     def randint(self, high: int, *shape: int) -> Tensor:
         return torch.stack([torch.randint(high, shape, generator=g, device=self.device) for g in self.gens])
 
+    def exponential(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(B, *shape) standard exponential (-log of it is Gumbel noise)."""
+        return torch.stack([torch.empty(shape, device=self.device, dtype=dtype).exponential_(generator=g)
+                            for g in self.gens])
+
+    def multinomial(self, probs: Tensor) -> Tensor:
+        """One draw per row of probs (B, ..., V) -> (B, ...), row i from sample i's stream."""
+        if len(probs) != len(self.gens):
+            raise ValueError(f"{len(probs)} rows of probabilities for {len(self.gens)} sample streams")
+        V = probs.shape[-1]
+        return torch.stack([torch.multinomial(p.reshape(-1, V), 1, replacement=True, generator=g).view(p.shape[:-1])
+                            for p, g in zip(probs, self.gens)])
+
+
+Generator = torch.Generator | SampleRNG  # one stream for the batch, or one per sample
+
 
 def step_seeds(seed: int, step: int, batch: int) -> Tensor:
     """Seeds for the `batch` samples of training step `step`: distinct across steps and runs."""

@@ -9,33 +9,39 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .. import checkpoint, data, registry
+from .. import checkpoint, data, pipelines, registry
 from ..errors import PargenError
 from ..evaluation.bench import write_json
-from .common import labels_for, load, raster_sampler, raster_settings, tokenizer_for
+from ..pipelines import tokenizer_for
 
 
 def add_parsers(sub, positive_int, nonneg_float) -> None:
-    from .diffusion import METHODS as DIFFUSION_METHODS
-    from .tarflow import METHODS as TARFLOW_METHODS
+    from ..pipelines.diffusion import DiffusionPipeline
+    from ..pipelines.tarflow import TarFlowPipeline
+    from ..pipelines.tokens import RasterPipeline
+
+    methods = sorted(set(TarFlowPipeline.methods + DiffusionPipeline.methods + RasterPipeline.methods))
 
     def sampling_args(q):
-        q.add_argument("--method", default="auto",
-                       choices=sorted(set(TARFLOW_METHODS + DIFFUSION_METHODS + ("sjd",))),
+        q.add_argument("--method", default="auto", choices=methods,
                        help="sampler. TarFlow: auto (calibrated GS-Jacobi plan), sequential, jacobi, gs-jacobi. "
                             "Diffusion: auto (the checkpoint's tuned parallel setting where it was measured to "
                             "win, i.e. small batches at the calibrated steps and guidance; sequential elsewhere), "
                             "sequential, picard "
                             "(sliding window), block (block Picard). Raster AR and CTF: sequential (auto), jacobi "
                             "(Jacobi decoding, the same tokens), sjd (speculative Jacobi decoding, the same "
-                            "distribution); --window tokens per pass")
+                            "distribution); --window tokens per pass. VAR: auto = sequential (KV-cached "
+                            "next-scale). A method the family does not have is refused")
         q.add_argument("--tol", type=nonneg_float, default=None,
                        help="fixed-point tolerance (TarFlow: relative change; diffusion: relative to each step's "
                             "noise std)")
         q.add_argument("--cfg", type=nonneg_float, default=None,
                        help="guidance scale (default: the checkpoint's). VAR: (1+s) cond - s uncond, s ramped over "
                             "the scales; raster AR: uncond + s (cond - uncond), 1 = no guidance")
-        q.add_argument("--batch-size", type=positive_int, default=16)
+        q.add_argument("--batch-size", type=positive_int, default=16,
+                       help="images per sampler call (an image depends on its seed only, not on the batch)")
+        q.add_argument("--dtype", choices=list(pipelines.DTYPES), default="float32",
+                       help="sampling precision (errors are reported against the float32 sequential answer)")
         q.add_argument("--split", choices=["seeds", "calls"], default="seeds",
                        help="under torchrun: share the images over the processes (seeds), or split every model "
                             "call of a diffusion sampler over them (calls: for one image or a few)")
@@ -57,8 +63,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         d.add_argument("--sweeps", type=positive_int, default=None, help="block-Picard sweeps per block K")
         d.add_argument("--anderson", type=int, default=None, help="Anderson history depth (0: off)")
         v = q.add_argument_group("VAR, raster AR and coarse-to-fine")
-        v.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
-        v.add_argument("--top-p", type=nonneg_float, default=0.0, help="nucleus sampling mass (0: off)")
+        v.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: all)")
+        v.add_argument("--top-p", type=nonneg_float, default=None, help="nucleus sampling mass (0: off)")
         v.add_argument("--temperature", type=nonneg_float, default=None,
                        help="raster AR / CTF stage-1 sampling temperature (0: greedy)")
         v.add_argument("--aux-temperature", type=nonneg_float, default=None, help="CTF stage-2 temperature")
@@ -67,9 +73,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         v.add_argument("--lowrank-layers", default=None, metavar="all|0,2,..",
                        help="VAR: polynomial (low-rank) attention with a running state in these layers "
                             "(see `pargen analyze var`)")
-        v.add_argument("--lowrank-degree", type=positive_int, default=2,
-                       help="polynomial degree (an even Taylor degree is positive everywhere)")
-        v.add_argument("--lowrank-kind", choices=["taylor", "chebyshev"], default="taylor")
+        v.add_argument("--lowrank-degree", type=positive_int, default=None,
+                       help="polynomial degree (default 2; an even Taylor degree is positive everywhere)")
+        v.add_argument("--lowrank-kind", choices=["taylor", "chebyshev"], default=None, help="default taylor")
 
     s = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid",
                        description="Sample images. Seeds are per image (seed, seed+1, ...), so an image does not "
@@ -81,6 +87,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     s.add_argument("--labels", type=int, nargs="*", default=None, help="class labels (cycled)")
     s.add_argument("--out", default="samples.png", help="grid PNG path")
     s.add_argument("--each", default=None, metavar="DIR", help="also write every image to DIR")
+    s.add_argument("--npz", default=None, metavar="FILE",
+                   help="also write the images as an ADM-style .npz (arr_0: N x H x W x C uint8)")
     sampling_args(s)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint or a folder of images",
@@ -88,7 +96,12 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                                    "MSE / PSNR and codebook usage on the first N test images. Generative "
                                    "checkpoints or image folders: FID / KID / Inception-style score on the dataset "
                                    "classifier's features (and bits/dim for TarFlow).")
-    e.add_argument("target", help="checkpoint (bundled name or path) or folder:PATH of generated images")
+    e.add_argument("target", nargs="?", default=None,
+                   help="checkpoint (bundled name or path), folder:PATH or FILE.npz of generated images")
+    e.add_argument("--folder", action="append", default=[], metavar="PATH",
+                   help="a folder of images to score; twice: the FID between the two folders")
+    e.add_argument("--npz", action="append", default=[], metavar="FILE",
+                   help="an ADM-style .npz (arr_0: N x H x W x C uint8) to score; with a second set: FID between them")
     e.add_argument("--data", default="mnist", help="reference dataset (test split)")
     e.add_argument("-n", "--n", type=positive_int, default=1000, help="images to generate / compare (-n under "
                    "torchrun)")
@@ -144,6 +157,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                    help="guidance scales of the quality curves (with --fid N)")
     g.add_argument("--jacobi-window", type=positive_int, default=None,
                    help="tokens per Jacobi / speculative Jacobi pass (default 16)")
+    b.add_argument("--dtype", choices=list(pipelines.DTYPES), default="float32",
+                   help="sampling precision; errors are still measured against the float32 sequential answer")
     b.add_argument("--json", default=None, help="write the records here")
 
     a = sub.add_parser("analyze", help="check the low-rank attention criterion of a VAR model, layer by layer",
@@ -218,126 +233,57 @@ def run(args: argparse.Namespace) -> int:
     return table[args.cmd](args)
 
 
-def _generate(args, model, meta, path, seeds: list[int], y, progress: bool = True):
-    """(images, description, cost line) for a generative checkpoint, by family.
+def overrides(args) -> dict:
+    """The sampling flags a user gave, as pipeline keyword overrides (a family refuses the ones it does not take)."""
+    from ..evaluation.lowrank import parse_layers
 
-    Under torchrun every rank samples its share of the seeds and all ranks receive all images (each image
-    depends only on its seed and label, so they are the images of one process); `--split calls` instead splits
-    every model call of a diffusion sampler over the ranks (for one image or a few)."""
+    layers = None
+    if getattr(args, "lowrank_layers", None) is not None:
+        try:
+            layers = parse_layers(args.lowrank_layers, 0)
+        except ValueError as e:
+            raise PargenError(str(e)) from None
+        layers = "all" if layers is None else layers
+    keys = dict(tol=args.tol, segments=args.segments, cfg=args.cfg, annealed=args.annealed, attn_temp=args.attn_temp,
+                denoise=False if args.no_denoise else None, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                window=args.window, block=args.block, sweeps=args.sweeps, anderson=args.anderson, top_k=args.top_k,
+                top_p=args.top_p, temperature=args.temperature, aux_temperature=args.aux_temperature,
+                mask_to_cluster=False if args.no_cluster_mask else None, lowrank_layers=layers,
+                lowrank_degree=args.lowrank_degree, lowrank_kind=args.lowrank_kind,
+                split_calls=True if args.split == "calls" else None)
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+def generate(args, pipe, seeds: list[int], labels=None):
+    """pipe.sample with the command's flags; (Output, one-line description, cost line)."""
     from .. import distributed
 
-    rank, size = distributed.world()
-    split = getattr(args, "split", "seeds")
-    if split == "calls" and meta["family"] != "denoiser":
+    if args.split == "calls" and pipe.family != "denoiser":
         raise PargenError("--split calls splits the model calls of a diffusion sampler; use --split seeds here")
-    if size == 1 or split == "calls":
-        return _generate_here(args, model, meta, path, seeds, y, progress and rank == 0)
-    if len(seeds) < size:
-        raise PargenError(f"{len(seeds)} images cannot be shared by {size} processes; sample at least {size}"
-                          + (" or use --split calls" if meta["family"] == "denoiser" else ""))
-    mine = distributed.share(len(seeds))
-    x, desc, costs = _generate_here(args, model, meta, path, seeds[mine], None if y is None else y[mine],
-                                    progress and rank == 0)
-    return distributed.gather(x), f"{desc}, seeds shared by {size} processes", costs
+    out = pipe.sample(seeds, labels, method=args.method, batch_size=args.batch_size, **overrides(args))
+    world = distributed.world()[1]
+    desc = out.description + (f", seeds shared by {world} processes" if world > 1 and args.split == "seeds" else "")
+    unit = "step" if pipe.family == "denoiser" else "token"
+    return out, desc, f"{out.cost['rounds']:.0f} sequential model calls per batch, {out.cost['nfe']:.0f} {unit} " \
+                      f"evaluations per image"
 
 
-def _generate_here(args, model, meta, path, seeds: list[int], y, progress: bool):
-    if meta["family"] == "tarflow":
-        from . import tarflow as tf
-
-        plan, tol, desc = tf.resolve_plan(path, args.method, args.batch_size, args.tol, args.segments)
-        guidance = tf.default_guidance(meta, args.cfg, args.annealed, args.attn_temp)
-        x, runs = tf.generate(model, seeds, y, plan, tol, guidance, not args.no_denoise, args.batch_size,
-                              args.device, progress)
-        desc = f"{desc}, tol {tol:g}, guidance {guidance.scale:g}"
-        unit = "token"
-    elif meta["family"] == "denoiser":
-        from . import diffusion as dm
-
-        st = dm.settings(meta, args.sampler, args.steps, args.eta, args.cfg, args.method, args.window, args.tol,
-                         args.block, args.sweeps, args.anderson, batch=min(args.batch_size, len(seeds)))
-        calls = getattr(args, "split", "seeds") == "calls"
-        x, runs = dm.generate(model, seeds, y, st, args.batch_size, args.device, progress, split_calls=calls)
-        desc = f"{st.describe()}, guidance {st.guidance:g}" + (", model calls split over the processes" if calls
-                                                               else "")
-        unit = "step"
-    elif meta["family"] == "var":
-        from ..samplers import autoregressive as AR
-
-        tok = tokenizer_for(meta.get("tokenizer"), model.config, args.device)
-        cfg = meta.get("sample_defaults", {}).get("guidance", 1.5) if args.cfg is None else args.cfg
-        lowrank = _set_lowrank(model, args)
-        imgs, runs = [], []
-        for s, lab in zip(tqdm(seeds, disable=not progress or len(seeds) < 64, desc="sample"), y):
-            # one image per call with its own generator: an image depends only on its seed and label
-            g = torch.Generator(device=args.device).manual_seed(s)
-            r = AR.sample(model, tok, lab.view(1).to(args.device), cfg=cfg, top_k=args.top_k, top_p=args.top_p,
-                          generator=g)
-            imgs.append(r.img.mul(2).sub(1).cpu())
-            runs.append(r)
-        x = torch.cat(imgs)
-        desc = f"VAR next-scale, {len(model.config.patch_nums)} scales, cfg {cfg:g}, top-k {args.top_k}, " \
-               f"top-p {args.top_p:g}{lowrank}"
-        unit = "token"
-    elif meta["family"] in ("raster", "c2f"):
-        tok = tokenizer_for(meta.get("tokenizer"), model.config, args.device)
-        method = "sequential" if args.method == "auto" else args.method
-        if method not in ("sequential", "jacobi", "sjd"):
-            raise PargenError(f"raster AR models sample with --method sequential, jacobi or sjd, not {args.method}")
-        settings = dict(cfg=args.cfg, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        aux_temperature=args.aux_temperature, mask_to_cluster=False if args.no_cluster_mask else None,
-                        method=method, window=args.window)
-        kw = raster_settings(meta, **settings)
-        fn = raster_sampler(model, meta, tok, **settings)
-        imgs, runs = [], []
-        for s, lab in zip(tqdm(seeds, disable=not progress or len(seeds) < 16, desc="sample"), y):
-            r = fn(lab.view(1).to(args.device), torch.Generator(device=args.device).manual_seed(s))
-            imgs.append(r.img.mul(2).sub(1).cpu())
-            runs.append(r)
-        x = torch.cat(imgs)
-        what = "coarse-to-fine" if meta["family"] == "c2f" else "raster AR"
-        cfg, temp = kw["cfg"], kw["temperature"]
-        desc = f"{what} {method}, {len(r.tokens[0])} tokens, cfg {cfg:g}, temperature {temp:g}" + \
-            (f" / {kw['aux_temperature']:g}, cluster mask {'on' if kw['mask_to_cluster'] else 'off'}"
-             if "aux_temperature" in kw else "") + f", top-k {args.top_k}, top-p {args.top_p:g}"
-        unit = "token"
-    else:
-        raise PargenError(f"{path} is a {meta['family']} checkpoint; sampling supports: tarflow, denoiser, var, "
-                          "raster, c2f")
-    rounds = sum(r.rounds for r in runs) / len(runs)
-    nfe = sum(r.nfe for r in runs) / len(runs)
-    return x, desc, f"{rounds:.0f} sequential model calls per batch, {nfe:.0f} {unit} evaluations per image"
-
-
-def _set_lowrank(model, args) -> str:
-    """Apply --lowrank-layers/--lowrank-degree/--lowrank-kind to a VAR model; a description for the log."""
-    from ..nn.lowrank import PolySpec
-    from .lowrank import parse_layers
-
-    if getattr(args, "lowrank_layers", None) is None:
-        return ""
-    try:
-        layers = parse_layers(args.lowrank_layers, model.config.depth)
-        spec = PolySpec(args.lowrank_degree, args.lowrank_kind)
-        model.set_lowrank(layers, spec)
-    except ValueError as e:
-        raise PargenError(str(e)) from None
-    return f", low-rank {spec.kind} degree {spec.degree} (rank {spec.rank(model.config.C // model.config.H)}) " \
-           f"in layers {model.lowrank_layers()}"
+def open_pipeline(args, name: str):
+    return pipelines.load(name, args.device, getattr(args, "dtype", None))
 
 
 def cmd_analyze(args) -> int:
+    from ..evaluation import lowrank as lr
     from ..nn.lowrank import PolySpec
-    from . import lowrank as lr
 
-    model, meta, path = load(args.checkpoint, args.device)
-    if meta["family"] != "var":
-        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a VAR model")
-    model.eval()
-    tok = tokenizer_for(meta.get("tokenizer"), model.config, args.device)
+    path = checkpoint.resolve(args.checkpoint)
+    if checkpoint.read_meta(path)["family"] != "var":
+        raise PargenError(f"{path} is a {checkpoint.read_meta(path)['family']} checkpoint, not a VAR model")
+    pipe = open_pipeline(args, args.checkpoint)
+    model, meta = pipe.model, pipe.meta
     ds = data.load(args.data or meta.get("data") or "mnist", "test", meta.get("size"))
-    x = ds.float(slice(0, args.n)).to(args.device)
-    y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(args.device)
+    x = ds.float(slice(0, args.n)).to(pipe.device)
+    y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(pipe.device)
     specs = [PolySpec(g, k) for k in args.kinds for g in args.degrees]
     hd = model.config.C // model.config.H
     # tighter than nn/lowrank.MAX_RANK: analyze holds the features of every token of --n images at once
@@ -346,7 +292,7 @@ def cmd_analyze(args) -> int:
         raise PargenError(f"degree {too_big[0].degree} on head dimension {hd} means rank {too_big[0].rank(hd):,}; "
                           "pick lower --degrees")
     print(f"analyze {path.name}: {len(x)} test images of {ds.name}, head dimension {hd}")
-    rep = lr.analyze(model, tok, x, y, specs, args.max_err)
+    rep = lr.analyze(model, pipe.tokenizer, x, y, specs, args.max_err)
     lr.print_analysis(rep)
     if args.json:
         write_json(rep, args.json)
@@ -358,21 +304,35 @@ def cmd_sample(args) -> int:
     from .. import distributed, images
 
     rank, _ = distributed.init()  # under torchrun the seeds (or, --split calls, the model calls) are shared
-    model, meta, path = load(args.checkpoint, args.device)
+    pipe = open_pipeline(args, args.checkpoint)
     seeds = list(range(args.seed, args.seed + args.n))
-    x, desc, costs = _generate(args, model, meta, path, seeds, labels_for(model, seeds, args.labels))
+    out, desc, costs = generate(args, pipe, seeds, args.labels)
     if rank:
         return 0
-    out = images.save_grid(x, args.out, scale=2)
+    x = out.signed
+    path = images.save_grid(x, args.out, scale=2)
     if args.each:
         images.save_each(x, args.each, [f"seed{s:06d}" for s in seeds])
-    print(f"{len(seeds)} images -> {out} | {desc} | {costs}")
+    if args.npz:
+        images.save_npz(x, args.npz)
+    print(f"{len(seeds)} images -> {path} | {desc} | {costs}")
     return 0
 
 
-def _load_images_folder(spec: str) -> torch.Tensor:
-    ds = data.load(spec if spec.startswith("folder:") else f"folder:{spec}")
-    return ds.float()
+def _image_set(spec: str) -> torch.Tensor:
+    """Images in [-1, 1] of folder:PATH, a folder path or an .npz."""
+    from .. import images
+
+    if spec.endswith(".npz"):
+        return images.load_npz(spec)
+    return data.load(spec if spec.startswith("folder:") else f"folder:{spec}").float()
+
+
+def _check_domain(x: torch.Tensor, clf, what: str, name: str) -> None:
+    c = clf.config
+    if tuple(x.shape[1:]) != (c.in_channels, c.img_size, c.img_size):
+        raise PargenError(f"{what} are {'x'.join(map(str, x.shape[1:]))} but the metric network {name} scores "
+                          f"{c.in_channels}x{c.img_size}x{c.img_size} images; resize them or pick --classifier")
 
 
 def cmd_eval(args) -> int:
@@ -381,19 +341,37 @@ def cmd_eval(args) -> int:
 
     rank, _ = distributed.init()  # under torchrun the images are sampled by all ranks, scored by rank 0
     result: dict = {}
-    test = data.load(args.data, "test")
-    if args.target.startswith("folder:"):
-        fake = _load_images_folder(args.target)[: args.n]
+    sets = [f"folder:{f}" if not f.startswith("folder:") else f for f in args.folder] + list(args.npz)
+    if args.target is not None and (args.target.startswith("folder:") or args.target.endswith(".npz")):
+        sets.insert(0, args.target)
+    if len(sets) > 2:
+        raise PargenError(f"eval compares at most two image sets, got {len(sets)}")
+    if sets and args.target is not None and args.target not in sets:
+        raise PargenError("give a checkpoint or image sets (--folder / --npz), not both")
+    if not sets and args.target is None:
+        raise PargenError("eval needs a checkpoint, folder:PATH, --folder PATH or --npz FILE")
+    real = None
+    if sets:
+        fake = _image_set(sets[0])[: args.n]
+        result["images"] = sets[0]
+        if len(sets) == 2:
+            real = _image_set(sets[1])
+            result["reference"] = sets[1]
     else:
-        model, meta, path = load(args.target, args.device)
+        path = checkpoint.resolve(args.target)
+        meta = checkpoint.read_meta(path)
         result["checkpoint"] = str(path)
+        test = data.load(args.data, "test")
         if meta["family"] == "classifier":
-            result["test_accuracy"] = metrics.accuracy(model, test)
+            model, _ = checkpoint.load(path)
+            result["test_accuracy"] = metrics.accuracy(model.to(args.device), test)
             print(f"test accuracy on {args.data}: {result['test_accuracy']:.4f}")
             if args.json:
                 write_json(result, args.json)
             return 0
         if meta["family"] in ("vq", "msvq"):
+            model, _ = checkpoint.load(path)
+            model = model.to(args.device)
             ds = data.load(args.data, "test", model.config.img_size)
             _check_data_fits(model.config, ds)
             x = ds.float(slice(0, args.n)).to(args.device)
@@ -410,21 +388,28 @@ def cmd_eval(args) -> int:
             if args.json:
                 write_json(result, args.json)
             return 0
-        seeds = list(range(args.seed, args.seed + args.n))
-        fake, desc, _ = _generate(args, model, meta, path, seeds, labels_for(model, seeds, None))
+        pipe = open_pipeline(args, args.target)
+        out, desc, _ = generate(args, pipe, list(range(args.seed, args.seed + args.n)))
         if rank:
             return 0
+        fake = out.signed
         result.update(method=desc)
         if meta["family"] == "tarflow":
-            result["test_bpd"] = metrics.bits_per_dim(model, test)
+            result["test_bpd"] = metrics.bits_per_dim(pipe.float32().model, test)
             print(f"test bits/dim: {result['test_bpd']:.4f}")
-    real = test.float()[: max(args.n, 1000)]
+    if rank:
+        return 0
     clf, _ = checkpoint.load(checkpoint.resolve(args.classifier))
     if clf.family != "classifier":
         raise PargenError(f"{args.classifier} is not a classifier checkpoint")
+    if real is None:
+        real = data.load(args.data, "test").float()[: max(args.n, 1000)]
+    _check_domain(fake, clf, "the images", args.classifier)
+    _check_domain(real, clf, "the reference images", args.classifier)
     sc = metrics.scores(real, fake, metrics.classifier_features(clf), clf)
-    result.update({f"classifier_{k}": v for k, v in sc.items()}, n=len(fake))
-    print(f"classifier FID {sc['fid']:.2f}  KID {sc['kid']:.4f}  IS {sc['is']:.2f}  ({len(fake)} images)")
+    result.update({f"classifier_{k}": v for k, v in sc.items()}, n=len(fake), n_reference=len(real))
+    print(f"classifier FID {sc['fid']:.2f}  KID {sc['kid']:.4f}  IS {sc['is']:.2f}  ({len(fake)} images against "
+          f"{len(real)})")
     if args.inception:
         inc = metrics.scores(real, fake, metrics.inception_features())
         result["inception_fid"] = inc["fid"]
@@ -435,34 +420,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from . import tarflow as tf
-
-    model, meta, path = load(args.checkpoint, args.device)
-    if meta["family"] != {"tarflow": "tarflow", "diffusion": "denoiser"}[args.family]:
-        raise PargenError(f"{path} is a {meta['family']} checkpoint, not a {args.family} one")
+    want = {"tarflow": "tarflow", "diffusion": "denoiser"}[args.family]
+    path = checkpoint.resolve(args.checkpoint)
+    fam = checkpoint.read_meta(path)["family"]
+    if fam != want:
+        raise PargenError(f"{path} is a {fam} checkpoint, not a {args.family} one")
+    pipe = open_pipeline(args, args.checkpoint)
     if args.family == "diffusion":
-        return _calibrate_diffusion(args, model, meta, path)
-    args.batch = args.batch or [1, 16]
-    ds = data.load(args.data or meta.get("data") or "mnist", "train", meta.get("size"))
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:256]
-    y = ds.labels[idx] if (ds.labels is not None and model.config.num_classes) else None
-    guidance = tf.default_guidance(meta, args.cfg, None, None)
-    tf.calibrate(model, path, ds.float(idx), y, args.batch, args.tol, args.target_err, guidance, args.seed,
-                 Path(args.plot) if args.plot else None)
-    return 0
-
-
-def _calibrate_diffusion(args, model, meta: dict, path: Path) -> int:
-    from . import diffusion as dm
-
-    found = dm.calibrate(model, meta, args.samplers, args.max_err, list(range(args.seed, args.seed + args.seeds)),
-                         args.batch or [1, 2, 4, 16], cfg=args.cfg, steps=args.steps)
-    meta = checkpoint.read_meta(path)  # the file as it stands, updated with the calibrated settings only
-    parallel = meta.setdefault("sample_defaults", {}).setdefault("parallel", {})
-    for name, rec in found.items():
-        parallel[name] = {**parallel.get(name, {}), **rec}
-    s = checkpoint.write_meta(path, meta)
-    print(f"settings saved to {s.with_name(s.name + '.json')} (sample_defaults.parallel)")
+        pipe.calibrate(samplers=args.samplers, max_err=args.max_err, seeds=args.seeds,
+                       batches=args.batch or [1, 2, 4, 16], cfg=args.cfg, steps=args.steps, seed=args.seed)
+    else:
+        pipe.calibrate(data_name=args.data, batches=args.batch or [1, 16], tol=args.tol, target_err=args.target_err,
+                       cfg=args.cfg, seed=args.seed, plot=args.plot)
     return 0
 
 

@@ -7,101 +7,70 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, images
+from .. import checkpoint, images, pipelines
 from ..errors import PargenError
 from ..evaluation import bench as benchmod
-from ..samplers import flow
-from . import tarflow as tf
-from .common import labels_for, raster_sampler
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
 
 
 def _tarflow_section(out: Path, quick: bool) -> dict:
-    path = checkpoint.resolve("tarflow-mnist")
-    model, meta = checkpoint.load(path)
-    guidance = tf.default_guidance(meta, None, None, None)
+    pipe = pipelines.load("tarflow-mnist")
     n = 16 if quick else 32
-    seeds = list(range(n))
-    y = labels_for(model, seeds, None)
-    t0 = time.perf_counter()
-    seq, _ = tf.generate(model, seeds, y, flow.SEQUENTIAL, 0.0, guidance, True, 16, progress=False)
-    t_seq = time.perf_counter() - t0
-    plan, tol, desc = tf.resolve_plan(path, "auto", 16, None, None, quiet=True)
-    t0 = time.perf_counter()
-    fast, _ = tf.generate(model, seeds, y, plan, tol, guidance, True, 16, progress=False)
-    t_fast = time.perf_counter() - t0
-    images.save_grid(seq, out / "tarflow_sequential.png", nrow=8, scale=3)
-    images.save_grid(fast, out / "tarflow_fast.png", nrow=8, scale=3)
-    print(f"  tarflow: {n} images sequential {t_seq:.2f}s, {desc} {t_fast:.2f}s")
-    records = tf.bench(model, path, [1] if quick else [1, 16], 2 if quick else 5, None, guidance, 0,
-                       naive=False)
-    tf._plot_residuals(model, guidance, 0, out / "tarflow_residuals.png")
+    seq, t_seq = _timed(lambda: pipe.sample(n, method="sequential", progress=False))
+    fast, t_fast = _timed(lambda: pipe.sample(n, method="auto", progress=False))
+    images.save_grid(seq.signed, out / "tarflow_sequential.png", nrow=8, scale=3)
+    images.save_grid(fast.signed, out / "tarflow_fast.png", nrow=8, scale=3)
+    print(f"  tarflow: {n} images sequential {t_seq:.2f}s, {fast.description} {t_fast:.2f}s")
+    records = pipe.bench([1] if quick else [1, 16], 2 if quick else 5, naive=False, progress=True)
+    pipe.plot_residuals(out / "tarflow_residuals.png")
     return {"title": "TarFlow + GS-Jacobi (MNIST)", "records": records,
-            "images": [("sequential (KV cache)", "tarflow_sequential.png"), (desc, "tarflow_fast.png"),
+            "images": [("sequential (KV cache)", "tarflow_sequential.png"), (fast.description, "tarflow_fast.png"),
                        ("Jacobi residual per block", "tarflow_residuals.png")],
-            "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item():.1e}"}
+            "note": f"max |pixel difference| between the two grids: {_diff(seq, fast):.1e}"}
+
+
+def _diff(a, b) -> float:
+    return (a.signed - b.signed).abs().max().item()
 
 
 def _diffusion_section(out: Path, quick: bool) -> dict:
-    from . import diffusion as dm
-
-    path = checkpoint.resolve("denoiser-mnist-lite")
-    model, meta = checkpoint.load(path)
+    pipe = pipelines.load("denoiser-mnist-lite")
     # the sampler its calibration found fastest in parallel (1000-step DDPM here), with those settings
-    cal = meta.get("sample_defaults", {}).get("parallel", {})
+    cal = pipe.calibrated
     sampler = max(cal, key=lambda k: cal[k].get("speedup", 0.0), default=None)
-    st = dm.settings(meta, sampler=sampler, method="picard")
+    st = pipe.settings("picard", sampler=sampler)
     n = 2 if quick else 8  # one image per batch (below): the slowest section
-    seeds = list(range(n))
-    y = labels_for(model, seeds, None)
-    t0 = time.perf_counter()
-    # one image per batch: where a Picard window costs least on this machine (`max_batch` in the checkpoint JSON)
-    seq, _ = dm.generate(model, seeds, y, dm.dataclasses.replace(st, method="sequential"), 1, progress=False)
-    t_seq = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    fast, _ = dm.generate(model, seeds, y, st, 1, progress=False)
-    t_fast = time.perf_counter() - t0
-    images.save_grid(seq, out / "diffusion_sequential.png", nrow=8, scale=3)
-    images.save_grid(fast, out / "diffusion_fast.png", nrow=8, scale=3)
+    # one image per batch: where a Picard window costs least on this machine (`max_batch` in the calibration)
+    seq, t_seq = _timed(lambda: pipe.sample(n, method="sequential", batch_size=1, sampler=st.sampler, progress=True))
+    fast, t_fast = _timed(lambda: pipe.sample(n, method="picard", batch_size=1, sampler=st.sampler, progress=True))
+    images.save_grid(seq.signed, out / "diffusion_sequential.png", nrow=8, scale=3)
+    images.save_grid(fast.signed, out / "diffusion_fast.png", nrow=8, scale=3)
     print(f"  diffusion: {n} images sequential {t_seq:.2f}s, {st.describe()} {t_fast:.2f}s")
-    records = dm.bench(model, meta, [st.sampler], [1], 1 if quick else 3, 0)
-    dm.plot_convergence(model, meta, out / "diffusion_convergence.png", sampler=st.sampler)
-    return {"title": f"Diffusion with window Picard ({path.stem}, {st.sampler} {st.steps} steps)",
+    records = pipe.bench([st.sampler], [1], 1 if quick else 3, 0, progress=True)
+    pipe.plot_convergence(out / "diffusion_convergence.png", sampler=st.sampler)
+    return {"title": f"Diffusion with window Picard ({pipe.name}, {st.sampler} {st.steps} steps)",
             "records": records,
             "images": [(f"sequential {st.sampler}", "diffusion_sequential.png"), (st.describe(), "diffusion_fast.png"),
                        ("Picard convergence over rounds", "diffusion_convergence.png")],
-            "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item():.1e}. "
-                    + _calibration_note(meta)}
-
-
-def _calibration_note(meta: dict) -> str:
-    """What `pargen calibrate diffusion` found per sampler, from the checkpoint JSON."""
-    parts, target = [], None
-    for name, rec in meta.get("sample_defaults", {}).get("parallel", {}).items():
-        if "speedup" in rec:
-            target = rec["max_abs_err_target"]
-            verdict = f"up to batch {rec['max_batch']}" if rec["max_batch"] else "so auto stays sequential"
-            parts.append(f"{name} {rec['steps']} steps: window {rec['window']}, tol {rec['tol']:g}, "
-                         f"{rec['speedup']:.2f}x at batch 1, {verdict}")
-    if not parts:
-        return "This checkpoint is not calibrated (`pargen calibrate diffusion`)."
-    return f"pargen calibrate diffusion (max abs error {target:g} against the sequential images): " + \
-        "; ".join(parts) + "."
+            "note": f"max |pixel difference| between the two grids: {_diff(seq, fast):.1e}. "
+                    + pipe.calibration_note()}
 
 
 def _var_section(out: Path, quick: bool) -> dict:
-    from ..samplers import autoregressive as AR
-    from .common import tokenizer_for
+    from ..rng import SampleRNG
 
-    model, meta = checkpoint.load(checkpoint.resolve("var-mnist"))
-    tok = tokenizer_for(meta["tokenizer"], model.config, "cpu")
-    cfg = meta.get("sample_defaults", {}).get("guidance", 1.5)
-    y = labels_for(model, list(range(16)), None)
+    pipe = pipelines.load("var-mnist")
+    seeds = list(range(16))
+    y = pipe.labels(seeds)
 
     def run(kv: bool):
-        def go():
-            r = AR.sample(model, tok, y, cfg=cfg, kv_cache=kv, generator=torch.Generator().manual_seed(0))
-            return r.img, {"rounds": r.rounds, "nfe": r.nfe, "scale_seconds": r.scale_seconds}
-        return go
+        st = pipe.settings(kv_cache=kv)
+        return lambda: pipe.draw(y, SampleRNG(seeds), st)
 
     records = benchmod.run("var", benchmod.Method("re-run prefix", run(False)),
                            [benchmod.Method("kv-cache", run(True))], batch=16, seed=0, repeats=2 if quick else 5)
@@ -109,42 +78,26 @@ def _var_section(out: Path, quick: bool) -> dict:
     fast, cost = run(True)()
     images.save_grid(seq.mul(2).sub(1), out / "var_nocache.png", nrow=8, scale=3)
     images.save_grid(fast.mul(2).sub(1), out / "var_kv.png", nrow=8, scale=3)
-    _bar([f"{p}x{p}" for p in model.config.patch_nums], [1e3 * t for t in cost["scale_seconds"]],
+    _bar([f"{p}x{p}" for p in pipe.model.config.patch_nums], cost["scale_ms"],
          "time per VAR scale, batch 16 (ms)", out / "var_scale_time.png")
-    print(f"  var: 16 images, {len(model.config.patch_nums)} scales")
+    print(f"  var: 16 images, {len(pipe.model.config.patch_nums)} scales")
     return {"title": "VAR next-scale prediction (MNIST)", "records": records,
             "images": [("re-running the prefix at every scale", "var_nocache.png"), ("KV cache", "var_kv.png"),
                        ("time per scale", "var_scale_time.png")],
-            "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item():.1e}"}
+            "note": f"max |pixel difference| between the two grids: {(seq - fast).abs().max().item() * 2:.1e}"}
 
 
 def _ctf_section(out: Path, quick: bool) -> dict:
-    from .common import tokenizer_for
-
-    loaded = {}
-    for name in ("raster-mnist", "c2f-mnist"):
-        model, meta = checkpoint.load(checkpoint.resolve(name))
-        loaded[name] = (model, meta, tokenizer_for(meta["tokenizer"], model.config, "cpu"))
-    y = labels_for(loaded["raster-mnist"][0], [0], None)
-
-    def run(name: str, method: str):
-        fn = raster_sampler(*loaded[name], method=method)
-
-        def go():
-            r = fn(y, torch.Generator().manual_seed(0))
-            return r.img, {"rounds": r.rounds, "nfe": r.nfe}
-        return go
-
-    records = benchmod.run("raster", benchmod.Method("raster sequential", run("raster-mnist", "sequential")),
-                           [benchmod.Method("raster jacobi", run("raster-mnist", "jacobi"))], batch=1, seed=0,
-                           repeats=2 if quick else 5)
-    records += benchmod.run("ctf", benchmod.Method("ctf sequential", run("c2f-mnist", "sequential")),
-                            [benchmod.Method("ctf jacobi", run("c2f-mnist", "jacobi"))], batch=1, seed=0,
-                            repeats=2 if quick else 5)
-    ys = labels_for(loaded["raster-mnist"][0], list(range(16)), None)
-    for name in ("raster-mnist", "c2f-mnist"):
-        img = raster_sampler(*loaded[name])(ys, torch.Generator().manual_seed(0)).img
-        images.save_grid(img.mul(2).sub(1), out / f"{name}.png", nrow=8, scale=3)
+    pipes = {name: pipelines.load(name) for name in ("raster-mnist", "c2f-mnist")}
+    records = []
+    for name, fam in (("raster-mnist", "raster"), ("c2f-mnist", "ctf")):
+        p = pipes[name]
+        y = p.labels([0])
+        records += benchmod.run(fam, benchmod.Method(f"{fam} sequential", p.runner([0], y, "sequential")),
+                                [benchmod.Method(f"{fam} jacobi", p.runner([0], y, "jacobi"))], batch=1, seed=0,
+                                repeats=2 if quick else 5)
+    for name, p in pipes.items():
+        images.save_grid(p.sample(16, progress=False).signed, out / f"{name}.png", nrow=8, scale=3)
     print("  raster AR and coarse-to-fine: 16 images each")
     return {"title": "Raster AR and coarse-to-fine with Jacobi decoding (MNIST, batch 1)", "records": records,
             "images": [("raster AR", "raster-mnist.png"), ("coarse-to-fine", "c2f-mnist.png")],
@@ -172,9 +125,11 @@ def _render(sections: list[dict]) -> str:
              "text-align:right}figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}"
              "img{image-rendering:pixelated;max-width:520px}</style></head><body>",
              "<h1>pargen demo</h1><p>Each model is sampled by its sequential baseline and by pargen's fast sampler on "
-             "the same noise. Speed-up is the ratio of wall-clock medians in one process; errors are against the "
+             "the same noise. Speed-up is the median of per-pair time ratios, baseline and method run interleaved in one "
+             "process (a row marked noisy had pair ratios too far apart to trust); errors are against the "
              "sequential output.</p>"]
-    cols = ["method", "batch", "rounds", "nfe", "wall_s_median", "speedup", "max_abs_err", "rel_err"]
+    cols = ["method", "batch", "rounds", "nfe", "wall_s_median", "speedup", "speedup_q1", "speedup_q3", "noisy",
+            "max_abs_err", "rel_err"]
     for s in sections:
         parts.append(f"<h2>{html.escape(s['title'])}</h2><table id='speed'><tr>"
                      + "".join(f"<th>{c}</th>" for c in cols) + "</tr>")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from ..errors import PargenError
 from . import commands
@@ -28,6 +30,26 @@ def _nonneg_float(s: str) -> float:
     return v
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads share a core's arithmetic units, and
+    torch's threads spin-wait, so one thread per physical core is the fast setting)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            base = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+            cores.add(((base / "physical_package_id").read_text().strip(), (base / "core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    return max(1, len(cores))
+
+
+def default_threads() -> int:
+    """Physical cores this process may use, shared among the processes of a torchrun job on this machine."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, physical_cores() // max(1, local))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pargen",
@@ -39,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  pargen sample tarflow-mnist --n 16 --out grid.png --method auto\n"
                "  pargen train classifier-mnist --data mnist --steps 2000 --out runs/clf\n"
                "  pargen bench tarflow --batch 1 16 --json bench.json\n")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps (default: cpu)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: the physical cores this process may use, divided among the "
+                        "processes of a torchrun job; several jobs on one machine: give each its share)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model preset on a dataset",
@@ -80,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv  # recorded as the recipe of exported checkpoints
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     from .. import distributed
 
+    torch.set_num_threads(args.threads or default_threads())
     try:
+        if args.device != "cpu":
+            from ..pipelines import parse_device
+
+            parse_device(args.device)
         code = int(commands.run(args) or 0)
         distributed.finish()  # a no-op unless launched by torchrun
         return code

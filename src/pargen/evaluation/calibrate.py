@@ -120,9 +120,7 @@ def search(model: TarFlow, noise: Tensor, y: Tensor | None, tol: float, guidance
     return plans, tables
 
 
-def plan_path(ckpt: str | Path) -> Path:
-    s = checkpoint.stem(ckpt)
-    return s.with_name(s.name + ".plan.json")
+PLAN = ".plan.json"  # the record's suffix beside the checkpoint (or in the user directory for a bundled one)
 
 
 def plan_to_json(plans: list[flow.BlockPlan], tol: float) -> dict[str, Any]:
@@ -138,13 +136,9 @@ def plan_from_json(d: dict[str, Any]) -> tuple[list[flow.BlockPlan], float]:
 
 def load_plan(ckpt: str | Path, batch: int) -> tuple[list[flow.BlockPlan], float] | None:
     """The calibrated plan for the batch size closest to `batch` (None if the checkpoint has no plan)."""
-    p = plan_path(ckpt)
-    if not p.exists():
+    d, p = checkpoint.read_record(ckpt, PLAN)
+    if d is None:
         return None
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise PargenError(f"sampling plan {p} is corrupt: {e}") from None
     by_batch = d.get("by_batch", {})
     if not by_batch:
         raise PargenError(f"sampling plan {p} holds no plans")

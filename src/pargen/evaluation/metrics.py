@@ -113,3 +113,14 @@ def scores(real: Tensor, fake: Tensor, features: _Features, classifier: nn.Modul
         py = p.mean(0, keepdim=True)
         out["is"] = float(torch.exp((p * (p.clamp_min(1e-12).log() - py.clamp_min(1e-12).log())).sum(1).mean()))
     return out
+
+
+def classifier_fid(fake: Tensor, data_name: str = "mnist", classifier: str = "classifier-mnist",
+                   real: int | None = None) -> float:
+    """Classifier FID of `fake` (B, C, H, W in [-1, 1]) against the dataset's test images (all of them, or the
+    first `real`), on the features of a bundled classifier."""
+    from .. import checkpoint, data
+
+    clf, _ = checkpoint.load(checkpoint.resolve(classifier))
+    ref = data.load(data_name, "test").float()
+    return scores(ref if real is None else ref[:real], fake, classifier_features(clf))["fid"]

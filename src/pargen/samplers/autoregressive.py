@@ -23,6 +23,7 @@ from ..models.c2f import C2F
 from ..models.raster_ar import RasterAR
 from ..models.var import VAR
 from ..nn.attention import KVCache
+from ..rng import Generator, SampleRNG
 from ..tokenizers.msvq import MSVQVAE
 from ..tokenizers.vq import VQVAE
 from . import fixed_point
@@ -43,8 +44,23 @@ def top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
     return logits
 
 
-def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None) -> Tensor:
-    g = -torch.empty_like(logits).exponential_(generator=generator).log()
+def exponential_like(t: Tensor, generator: Generator | None) -> Tensor:
+    """Standard exponential noise shaped like t (B, ...), from one stream or one per sample."""
+    if isinstance(generator, SampleRNG):
+        return generator.exponential(*t.shape[1:], dtype=t.dtype)
+    return torch.empty_like(t).exponential_(generator=generator)
+
+
+def multinomial(probs: Tensor, generator: Generator | None) -> Tensor:
+    """One draw per position of probs (B, n, V) -> (B, n), from one stream or one per sample."""
+    if isinstance(generator, SampleRNG):
+        return generator.multinomial(probs)
+    B, V = probs.shape[0], probs.shape[-1]
+    return torch.multinomial(probs.reshape(-1, V), 1, replacement=True, generator=generator).view(B, -1)
+
+
+def gumbel_softmax(logits: Tensor, tau: float, generator: Generator | None) -> Tensor:
+    g = -exponential_like(logits, generator).log()
     return ((logits + g) / tau).softmax(-1)
 
 
@@ -81,10 +97,12 @@ def known_region(vae: MSVQVAE, img: Tensor, keep: Tensor, threshold: float = 0.5
 
 @torch.no_grad()
 def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | None = None, cfg: float = 1.5,
-           top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, generator: torch.Generator | None = None,
+           top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, generator: Generator | None = None,
            known: Known | None = None, kv_cache: bool = True, trace: bool = False) -> VARSample:
     """Sample images scale by scale. labels: (B,) tensor, an int for all (< 0: unconditional), or None (drawn
     uniformly from `generator`, then `batch` is required). Guidance weight at scale si is cfg * si / (K - 1).
+    `generator`: one stream for the batch (the reference's draw order), or a `SampleRNG` with one stream per image
+    (an image then depends on its seed only, not on the batch it is sampled in).
     `known` forces tokens after each draw (the draws themselves are unchanged, so the random stream is too).
     `kv_cache=False` recomputes every earlier scale at each step (the uncached baseline of `pargen bench var`)."""
     c = var.config
@@ -92,8 +110,11 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
     if labels is None:
         if batch is None:
             raise ValueError("batch is required when labels are drawn")
-        uniform = torch.full((1, c.num_classes), 1 / c.num_classes, device=dev)
-        labels = torch.multinomial(uniform, num_samples=batch, replacement=True, generator=generator).view(batch)
+        if isinstance(generator, SampleRNG):
+            labels = generator.multinomial(torch.full((batch, c.num_classes), 1 / c.num_classes, device=dev))
+        else:
+            uniform = torch.full((1, c.num_classes), 1 / c.num_classes, device=dev)
+            labels = torch.multinomial(uniform, num_samples=batch, replacement=True, generator=generator).view(batch)
     elif isinstance(labels, int):
         if batch is None:
             raise ValueError("batch is required with a single label")
@@ -127,7 +148,7 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
         t = cfg * ratio
         logits = (1 + t) * logits[:B] - t * logits[B:]
         probs = top_k_top_p(logits, top_k, top_p).softmax(-1)
-        idx = torch.multinomial(probs.view(-1, c.vocab_size), 1, replacement=True, generator=generator).view(B, -1)
+        idx = multinomial(probs, generator)
         if more_smooth:  # display only: a soft Gumbel mix of codes (the reference's visualisation setting)
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
             h = gumbel_softmax(logits.mul(1 + ratio), tau, generator) @ q.embedding.weight.unsqueeze(0)
@@ -174,11 +195,10 @@ def guided(logits: Tensor, batch: int, cfg: float) -> Tensor:
     return uncond + cfg * (cond - uncond)
 
 
-def gumbel_noise(batch: int, tokens: int, vocab: int, generator: torch.Generator | None = None,
+def gumbel_noise(batch: int, tokens: int, vocab: int, generator: Generator | None = None,
                  device: torch.device | str = "cpu") -> Tensor:
-    """Per-position Gumbel noise (B, N, V), drawn once before sampling."""
-    u = torch.empty(batch, tokens, vocab, device=device).exponential_(generator=generator)
-    return -u.log()
+    """Per-position Gumbel noise (B, N, V), drawn once before sampling (one stream, or one per sample)."""
+    return -exponential_like(torch.empty(batch, tokens, vocab, device=device), generator).log()
 
 
 def pick(logits: Tensor, noise: Tensor | None, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -280,7 +300,7 @@ def speculative_jacobi(op: RasterOperator, batch: int, tokens: int, vocab: int, 
 def raster_tokens(model: RasterAR, labels: Tensor, cfg: float, temperature: float, top_k: int, top_p: float,
                   noise: Tensor | None, method: str = "sequential", window: int | None = None,
                   max_iters: int | None = None,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, int, int, FixedPointResult | None]:
+                  generator: Generator | None = None) -> tuple[Tensor, int, int, FixedPointResult | None]:
     """Tokens (B, N), sequential calls, positions evaluated and the engine's record: `sequential` (one token per
     call) or `jacobi` (Jacobi decoding, the same tokens) on the fixed-point engine, or `sjd` (speculative Jacobi
     decoding: the same distribution, random acceptance; draws its own random numbers from `generator`).
@@ -291,6 +311,9 @@ def raster_tokens(model: RasterAR, labels: Tensor, cfg: float, temperature: floa
     x0 = labels.new_zeros(labels.shape[0], N)
     window = window or 16
     if method == "sjd":
+        if isinstance(generator, SampleRNG):
+            raise ValueError("speculative Jacobi decoding draws for the whole batch from one generator (how many "
+                             "numbers depends on the batch); sample one image per call for per-seed results")
         if temperature <= 0:
             raise ValueError("speculative Jacobi decoding samples; use temperature > 0 (or method='jacobi')")
         x, rounds, nfe = speculative_jacobi(op, labels.shape[0], N, model.config.vocab_size, window, generator)
@@ -307,7 +330,7 @@ def raster_tokens(model: RasterAR, labels: Tensor, cfg: float, temperature: floa
 
 @torch.no_grad()
 def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 0.0, generator: torch.Generator | None = None,
+                  top_k: int = 0, top_p: float = 0.0, generator: Generator | None = None,
                   noise: Tensor | None = None, method: str = "sequential", window: int | None = None,
                   max_iters: int | None = None) -> RasterSample:
     """Sample images token by token in raster order (labels (B,), < 0: unconditional) with LlamaGen's guidance.
@@ -327,7 +350,7 @@ def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, 
 @torch.no_grad()
 def sample_c2f(model: C2F, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperature: float = 1.0,
                aux_temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0, mask_to_cluster: bool = True,
-               generator: torch.Generator | None = None, method: str = "sequential",
+               generator: Generator | None = None, method: str = "sequential",
                window: int | None = None) -> RasterSample:
     """CTF sampling: stage 1 draws the coarse labels in raster order (guidance `cfg`, `temperature`, top-k/p;
     sequential or Jacobi decoding), then stage 2 draws every fine label in one pass at `aux_temperature`
