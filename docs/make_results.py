@@ -36,10 +36,24 @@ def _fid(r: dict) -> str:
     return f"{r['fid']:.2f}" if r.get("fid") is not None else "-"
 
 
+class Noisy(ValueError):
+    """A bench file whose pair ratios say the machine was shared: its speed-ups are not shown."""
+
+
+def _speed(r: dict) -> str:
+    if "speedup_q1" in r:
+        return f"**{r['speedup']:.2f}x** ({r['speedup_q1']:.2f}-{r['speedup_q3']:.2f})"
+    return f"**{r['speedup']:.2f}x** *"
+
+
 def speed_rows(records: list[dict], model: str, source: str) -> list[str]:
     """One row per (sampler, batch, baseline) group: the baseline against its fastest method with the same output
     (error within SAME; else its fastest method with an error), and every row without one (another model, or
     another draw from the same distribution)."""
+    bad = [r["method"] for r in records if r.get("noisy")]
+    if bad:
+        raise Noisy(f"{source}: the speed-ups of {', '.join(sorted(set(bad)))} were measured on a noisy machine "
+                    "(pair ratios too far apart); re-run the bench on a quiet one")
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r.get("sampler"), r.get("steps"), r["batch"], r["baseline"]), []).append(r)
@@ -54,7 +68,7 @@ def speed_rows(records: list[dict], model: str, source: str) -> list[str]:
         close = [r for r in same if r["max_abs_err"] <= SAME] or same
         for r in ([max(close, key=lambda r: r["speedup"])] if close else []) + other:
             rows.append(f"| {what} | {batch} | {base_name}: {base['rounds']} calls, {base['wall_s_median']:.3g} s | "
-                        f"{r['method']} | {r['rounds']} | **{r['speedup']:.2f}x** | {_num(r['max_abs_err'])} | "
+                        f"{r['method']} | {r['rounds']} | {_speed(r)} | {_num(r['max_abs_err'])} | "
                         f"{_fid(base)} / {_fid(r)} | `{source}` |")
     return rows
 
@@ -110,8 +124,10 @@ def section(docs: Path = DOCS) -> str:
             doc = json.loads(path.read_text())
             rows += speed_rows(doc["speed"] if isinstance(doc, dict) else doc, model, name)
     note = ("Per group, the fastest method with the same output (within 2e-3 max abs error of the baseline's; "
-            "else the fastest with an error), then the others. Speed-up = baseline median / method median, in one "
-            "run. `-` as error: another model (VAR or CTF against raster AR) or another draw from the same "
+            "else the fastest with an error), then the others. Speed-up = the median over repeats of the pair ratio "
+            "baseline time / method time, baseline and methods run interleaved in one process, with the quartiles "
+            "of those ratios in brackets; `*`: measured before the harness interleaved its runs (baseline median "
+            "/ method median). A file whose pair ratios disagree (the machine was shared) is refused. `-` as error: another model (VAR or CTF against raster AR) or another draw from the same "
             "distribution (speculative Jacobi decoding, `sjd`).")
     return "\n".join([START, "", *head, *rows, "", note, "", *quality_lines(docs), "", END])
 
@@ -126,7 +142,11 @@ def main() -> int:
     if START not in text or END not in text:
         print(f"{readme} has no {START} ... {END} block", file=sys.stderr)
         return 1
-    new = text[: text.index(START)] + section() + text[text.index(END) + len(END):]
+    try:
+        new = text[: text.index(START)] + section() + text[text.index(END) + len(END):]
+    except Noisy as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
     if args.check:
         if new != text:
             print(f"{readme}: the results section is out of date; run python docs/make_results.py", file=sys.stderr)

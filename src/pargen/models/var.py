@@ -244,7 +244,7 @@ class VAR(nn.Module):
         return cond, (self.shared_ada_lin(cond).view(-1, 1, 6, self.config.C) if self.config.shared_aln else cond)
 
     def logits(self, h: Tensor, cond: Tensor) -> Tensor:
-        return self.head(self.head_nm(h.float(), cond).float()).float()
+        return self.head(self.head_nm(h.float(), cond).to(self.head.weight.dtype)).float()
 
     def forward(self, label: Tensor, x_wo_first: Tensor, cond_drop: float | None = None,
                 generator: torch.Generator | None = None) -> Tensor:

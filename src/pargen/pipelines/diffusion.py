@@ -15,6 +15,7 @@ from .. import checkpoint
 from ..errors import PargenError
 from ..evaluation import bench as benchmod
 from ..evaluation import metrics
+from ..models.denoiser import alphas_cumprod
 from ..samplers import diffusion as D
 from . import Pipeline, family, share_seeds
 
@@ -96,6 +97,8 @@ class DiffusionPipeline(Pipeline):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
+        c = self.model.config
+        self.schedule = alphas_cumprod(c.schedule, c.train_steps)  # float64, whatever the model's dtype
         rec, self.record = checkpoint.read_record(self.path, CALIBRATION)
         self.calibrated = {**self.defaults.get("parallel", {}), **((rec or {}).get("parallel", {}))}
 
@@ -109,18 +112,26 @@ class DiffusionPipeline(Pipeline):
 
     def steps(self, st: Settings) -> D.Steps:
         try:
-            return D.make_steps(self.model.alphas_cumprod, st.steps, st.sampler, st.eta)
+            return D.make_steps(self.schedule, st.steps, st.sampler, st.eta)
         except ValueError as e:
             raise PargenError(str(e)) from None
 
     def draw(self, seeds: list[int], st: Settings) -> tuple[Tensor, Tensor | None]:
-        return D.draw(seeds, self.shape, self.steps(st), self.device, self.dtype)
+        """x_T and the per-step noise, in float32 on the model's device: the trajectory is integrated in float32
+        whatever the model's dtype (only the model calls run in it)."""
+        return D.draw(seeds, self.shape, self.steps(st), self.device)
+
+    def predictor(self, st: Settings) -> D.EpsFn:
+        eps = D.noise_predictor(self.model, st.guidance, split=st.split_calls)
+        if self.dtype == torch.float32:
+            return eps
+        return lambda x, t, y: eps(x.to(self.dtype), t, y).to(x.dtype)
 
     def solve(self, x_T: Tensor, noise: Tensor | None, y: Tensor | None, st: Settings, progress: bool = False,
               **over: Any) -> D.DiffusionSample:
         """Run settings `st` (with `over` replacing some) from pre-drawn noise."""
         st = dataclasses.replace(st, **over)
-        eps = D.noise_predictor(self.model, st.guidance, split=st.split_calls)
+        eps = self.predictor(st)
         steps = self.steps(st)
         bar = tqdm(total=steps.n, desc=f"{st.sampler} model calls", leave=False, dynamic_ncols=True,
                    disable=not progress)
@@ -199,8 +210,7 @@ class DiffusionPipeline(Pipeline):
                 reference = None
                 if self.dtype != torch.float32:
                     ref = self.float32()
-                    reference = ref.solve(x_T.float(), None if noise is None else noise.float(), y, st,
-                                          method="sequential").x
+                    reference = ref.solve(x_T, noise, y, st, method="sequential").x
                 records += benchmod.run("diffusion", measured("sequential", {}, method="sequential"), methods,
                                         batch=B, seed=seed, repeats=repeats, reference=reference,
                                         device=self.device, progress=progress)
@@ -307,7 +317,7 @@ class DiffusionPipeline(Pipeline):
         steps = self.steps(st)
         x_T, noise = self.draw([seed], st)
         y = self.labels([seed])
-        eps = D.noise_predictor(self.model, st.guidance)
+        eps = self.predictor(st)
         ref = D.sample(eps, x_T, steps, noise=noise, y=y).x
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([0, steps.n], [0, steps.n], "k:", lw=1, label=f"sequential ({steps.n} rounds)")

@@ -66,6 +66,9 @@ class VARPipeline(Pipeline):
         self.check(method, {})
         k, p = _top(top_k, top_p)
         depth = self.model.config.depth
+        if lowrank_layers is None and (lowrank_degree is not None or lowrank_kind is not None):
+            raise PargenError("low-rank attention needs the layers it applies to (lowrank_layers: 'all' or a list; "
+                              "see `pargen analyze var`)")
         if lowrank_layers is not None and lowrank_degree is None:
             lowrank_degree = 2
         if lowrank_kind is not None and lowrank_kind not in LOWRANK_KINDS:
