@@ -1,0 +1,396 @@
+"""Parallel (Picard) sampling for any `diffusers` pipeline, with the pipeline's own code doing every step.
+
+    fast = pargen.diffusers.parallel(pipe, window=8, tol=1e-3)
+    out = fast(prompt, num_inference_steps=50, generator=torch.Generator().manual_seed(0))   # pipe's own output
+    fast.cost                                         # rounds, model evaluations, per-sweep residuals, tol
+
+How: a pipeline's `__call__` is a triangular system over its denoiser calls: call i's input u_i follows from the
+earlier calls' outputs by the pipeline's own code (guidance, masks, the scheduler's `step`). pargen runs that code
+unchanged, many times ("replays"), with the denoiser replaced by a proxy:
+
+- a replay starts from the same state: the user's generator(s) (or torch's global RNG) and the scheduler are
+  restored to their state at the start of the call, so every random draw (initial latents, a stochastic
+  scheduler's noise) is the same in every replay and the fixed point *is* the sequential answer;
+- in a replay the proxy answers call i with the denoiser's output at the input u_i seen in the previous replay
+  (all calls of a window were evaluated in one batched denoiser call) and records the new input u'_i;
+- calls before the frontier are final (their outputs were evaluated at their true inputs); after a replay the
+  frontier moves past every window call whose input changed by at most `tol` (at least one call per round);
+- calls the window has not reached get the latest output evaluated before them, a guess like any other.
+
+The scheduler's own `step` (any scheduler: multistep solvers keep their history because each replay runs from a
+restored copy), the pipeline's guidance and conditioning are used as they are; nothing is re-implemented. Replays
+cost no denoiser calls; text encoders and VAE encodes are memoised and the VAE decode is skipped until the final
+replay. At `tol=0` the result equals the pipeline's own output up to the float rounding of batched denoiser calls.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .errors import PargenError
+
+DENOISERS = ("unet", "transformer", "prior", "decoder")  # the attribute a pipeline keeps its denoiser in
+TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
+
+
+@dataclass
+class Cost:
+    """What one parallel call cost, next to what the pipeline's own loop costs."""
+
+    calls: int = 0  # denoiser calls the pipeline makes (the sequential rounds)
+    rounds: int = 0  # sequential (batched) denoiser calls pargen made
+    evaluations: int = 0  # denoiser inputs evaluated (a window call of w inputs counts w)
+    replays: int = 0  # runs of the pipeline's own loop (cheap: no denoiser calls)
+    residuals: list[float] = field(default_factory=list)  # per round: the largest input change in the window
+    window: int = 0
+    tol: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _flatten(x: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(x, dict):
+        return [kv for k in sorted(x) for kv in _flatten(x[k], f"{prefix}.{k}")]
+    if isinstance(x, (list, tuple)):
+        return [kv for i, v in enumerate(x) for kv in _flatten(v, f"{prefix}[{i}]")]
+    return [(prefix, x)]
+
+
+@dataclass
+class _Call:
+    """One denoiser call, its arguments bound to the forward's parameter names; the first is the noisy input."""
+
+    kwargs: dict
+    first: str
+
+    def sample(self) -> Tensor:
+        return self.kwargs[self.first]
+
+
+def _rows(v: Any, b: int, name: str) -> Tensor | None:
+    """v as b rows to concatenate, or None when it is not per-row (then it must be the same in every call)."""
+    if name.endswith(("timestep", "timesteps", "t")) and not isinstance(v, bool) and isinstance(v, (int, float)):
+        return torch.full((b,), v)
+    if isinstance(v, Tensor):
+        if name.endswith(("timestep", "timesteps")) and v.ndim == 0:
+            return v.reshape(1).expand(b)
+        if v.ndim and v.shape[0] == b:
+            return v
+    return None
+
+
+def _batch(calls: list[_Call]) -> dict:
+    """One call whose per-row tensors are the calls' concatenated (the shared values given once)."""
+    b = [c.sample().shape[0] for c in calls]
+
+    def merge(values: list[Any], name: str) -> Any:
+        v0 = values[0]
+        if isinstance(v0, dict):
+            return {k: merge([v[k] for v in values], f"{name}.{k}") for k in v0}
+        rows = [_rows(v, n, name) for v, n in zip(values, b)]
+        if all(r is not None for r in rows):
+            dev = next((r.device for r in rows if r.device.type != "cpu"), rows[0].device)
+            return torch.cat([r.to(dev) for r in rows])
+        for v in values[1:]:
+            same = (v is v0) or (isinstance(v, Tensor) and isinstance(v0, Tensor) and v.shape == v0.shape
+                                 and bool(torch.equal(v, v0))) or (not isinstance(v, Tensor) and v == v0)
+            if not same:
+                raise PargenError(f"the denoiser's argument {name.lstrip('.')} changes between calls in a way "
+                                  "pargen cannot batch (not one row per sample)")
+        return v0
+
+    return {k: merge([c.kwargs[k] for c in calls], k) for k in calls[0].kwargs}
+
+
+def _split(out: Any, sizes: list[int]) -> list[Any]:
+    """The batched call's output cut back into one output per call (tensors, tuples and diffusers outputs)."""
+    if isinstance(out, Tensor):
+        return list(out.split(sizes))
+    if isinstance(out, tuple):
+        parts = [_split(v, sizes) if isinstance(v, Tensor) else [v] * len(sizes) for v in out]
+        return [tuple(p[i] for p in parts) for i in range(len(sizes))]
+    if dataclasses.is_dataclass(out):
+        names = [f.name for f in dataclasses.fields(out)]
+        parts = {k: _split(getattr(out, k), sizes) if isinstance(getattr(out, k), Tensor) else
+                 [getattr(out, k)] * len(sizes) for k in names}
+        return [type(out)(**{k: parts[k][i] for k in names}) for i in range(len(sizes))]
+    raise PargenError(f"cannot split the denoiser's output of type {type(out).__name__}")
+
+
+def _clone(out: Any) -> Any:
+    """A fresh copy, so that in-place edits by the pipeline or scheduler cannot reach pargen's stored outputs."""
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, tuple):
+        return tuple(_clone(v) for v in out)
+    if dataclasses.is_dataclass(out):
+        return type(out)(**{f.name: _clone(getattr(out, f.name)) for f in dataclasses.fields(out)})
+    return out
+
+
+def _key(x: Any) -> Any:
+    """A hashable key of (nested) call arguments, tensors by content."""
+    if isinstance(x, Tensor):
+        t = x.detach().cpu().contiguous()
+        return ("T", tuple(t.shape), str(t.dtype), hashlib.sha1(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+                if t.numel() else "")
+    if isinstance(x, dict):
+        return tuple((k, _key(v)) for k, v in sorted(x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_key(v) for v in x)
+    return x if isinstance(x, (int, float, str, bool, type(None))) else ("id", id(x))
+
+
+def find_denoiser(pipe) -> tuple[str, torch.nn.Module]:
+    for name in DENOISERS:
+        m = getattr(pipe, name, None)
+        if isinstance(m, torch.nn.Module):
+            return name, m
+    raise PargenError(f"{type(pipe).__name__} has no denoiser pargen knows ({', '.join(DENOISERS)}); it cannot be "
+                      "run in parallel")
+
+
+class Parallel:
+    """`pipe` with its denoising loop solved by Picard iteration over windows of denoiser calls."""
+
+    def __init__(self, pipe, method: str = "picard", window: int = 8, tol: float = 1e-3, max_rounds: int | None = None,
+                 tol_scale: str = "none"):
+        if method not in ("picard", "sequential"):
+            raise PargenError(f"method must be 'picard' or 'sequential', not {method!r}")
+        if window < 1:
+            raise PargenError(f"window must be >= 1, not {window}")
+        if not (tol >= 0 and math.isfinite(tol)):
+            raise PargenError(f"tol must be a finite number >= 0, not {tol}")
+        if not callable(getattr(pipe, "__call__", None)) or not hasattr(pipe, "scheduler"):
+            raise PargenError(f"{type(pipe).__name__} is not a diffusers pipeline with a scheduler")
+        if tol_scale not in ("none", "noise"):
+            raise PargenError(f"tol_scale must be 'none' or 'noise', not {tol_scale!r}")
+        self.pipe, self.method, self.window, self.tol, self.max_rounds = pipe, method, window, tol, max_rounds
+        self.tol_scale = tol_scale
+        self.denoiser_name, self.denoiser = find_denoiser(pipe)
+        self.cost = Cost()
+
+    def __repr__(self) -> str:
+        return f"pargen.diffusers.parallel({type(self.pipe).__name__}, method={self.method!r}, window={self.window}, " \
+               f"tol={self.tol:g}) over {type(self.pipe.scheduler).__name__}"
+
+    @staticmethod
+    def _restorer(generator) -> Callable[[], None]:
+        """A function that puts the random state back where it is now: the user's generator(s), else torch's."""
+        gens = generator if isinstance(generator, (list, tuple)) else [generator] if generator is not None else []
+        if gens and not all(isinstance(g, torch.Generator) for g in gens):
+            raise PargenError("generator must be a torch.Generator or a list of them")
+        if gens:
+            states = [g.get_state() for g in gens]
+
+            def restore():
+                for g, s in zip(gens, states):
+                    g.set_state(s)
+            return restore
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+        def restore_global():
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+        return restore_global
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The pipeline's own `__call__`, same arguments and output (with `.pargen`, the cost, attached)."""
+        pipe, den = self.pipe, self.denoiser
+        restore = self._restorer(kwargs.get("generator"))
+        sched0 = copy.deepcopy(pipe.scheduler.__dict__)
+        real = den.forward
+        cost = Cost(window=self.window, tol=self.tol)
+        inputs: list[_Call] = []  # the latest replay's denoiser call inputs
+        outputs: dict[int, Any] = {}  # evaluated outputs, by call index
+        state = {"mode": "record", "i": 0}
+
+        sig = inspect.signature(real)
+        first = next(iter(sig.parameters))
+
+        def proxy(*a, **k):
+            i = state["i"]
+            state["i"] += 1
+            try:
+                bound = dict(sig.bind(*a, **k).arguments)
+            except TypeError as e:
+                raise PargenError(f"cannot read the denoiser's arguments: {e}") from None
+            extra = bound.pop(next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None), {})
+            if not isinstance(bound.get(first), Tensor):
+                raise PargenError(f"the denoiser's first argument {first!r} is not a tensor; pargen cannot batch "
+                                  "this pipeline's calls")
+            call = _Call({**bound, **extra, first: bound[first].clone()}, first)
+            if state["mode"] == "real":  # the pipeline's own loop, counted
+                inputs.append(call)
+                cost.rounds += 1
+                cost.evaluations += 1
+                return real(*a, **k)
+            if state["mode"] == "first":  # the first round: call 0 for real, every later call gets its output
+                if i == 0:
+                    outputs[0] = _clone(real(*a, **k))
+                    cost.rounds += 1
+                    cost.evaluations += 1
+                inputs.append(call)
+                return _clone(outputs[0])
+            if i < len(inputs):
+                inputs[i] = call
+            else:
+                inputs.append(call)
+            j = max((j for j in outputs if j <= i), default=None)
+            if j is None:
+                raise PargenError("internal: no denoiser output before call 0")
+            return _clone(outputs[j])
+
+        patched: list[tuple[Any, str]] = []
+
+        def patch(obj, name, fn):
+            setattr(obj, name, fn)
+            patched.append((obj, name))
+
+        memo: dict[Any, Any] = {}
+
+        def memoised(module, fname):
+            orig = getattr(module, fname)
+
+            def f(*a, **k):
+                key = (id(module), fname, _key(a), _key(k))
+                if key not in memo:
+                    memo[key] = orig(*a, **k)
+                return memo[key]
+            return f
+
+        decode = {"skip": True}
+        vae = getattr(pipe, "vae", None)
+
+        def replay(final: bool = False):
+            restore()
+            pipe.scheduler.__dict__.clear()
+            pipe.scheduler.__dict__.update(copy.deepcopy(sched0))
+            state["i"] = 0
+            decode["skip"] = not final
+            cost.replays += 1
+            return pipe(*args, **kwargs)
+
+        progress = getattr(pipe, "_progress_bar_config", None)
+        try:
+            pipe.set_progress_bar_config(disable=True)
+            patch(den, "forward", proxy)
+            for name in TEXT:
+                m = getattr(pipe, name, None)
+                if isinstance(m, torch.nn.Module):
+                    patch(m, "forward", memoised(m, "forward"))
+            if isinstance(vae, torch.nn.Module) and hasattr(vae, "decode"):
+                real_decode, real_encode = vae.decode, getattr(vae, "encode", None)
+                if real_encode is not None:
+                    patch(vae, "encode", memoised(vae, "encode"))
+
+                def fake_decode(z, *a, **k):
+                    if not decode["skip"]:
+                        return real_decode(z, *a, **k)
+                    f = getattr(pipe, "vae_scale_factor", 8)
+                    c = getattr(vae.config, "out_channels", 3)
+                    img = torch.zeros(z.shape[0], c, z.shape[-2] * f, z.shape[-1] * f, device=z.device, dtype=z.dtype)
+                    return (img,) if k.get("return_dict", True) is False else _decoded(img)
+                patch(vae, "decode", fake_decode)
+
+            if self.method == "sequential":
+                state["mode"] = "real"
+                out = replay(final=True)
+                cost.calls = len(inputs)
+            else:
+                out = self._solve(replay, state, inputs, outputs, real, cost)
+        except ValueError as e:  # the pipeline's own checks (prompt / generator / image mismatches ...)
+            raise PargenError(f"{type(pipe).__name__}: {e}") from None
+        finally:
+            for obj, name in reversed(patched):
+                if name in obj.__dict__:
+                    del obj.__dict__[name]
+            if progress is not None:
+                pipe._progress_bar_config = progress
+            else:
+                pipe.__dict__.pop("_progress_bar_config", None)
+        self.cost = cost
+        try:
+            object.__setattr__(out, "pargen", cost)
+        except (AttributeError, TypeError):
+            pass
+        return out
+
+    def _solve(self, replay, state, inputs: list[_Call], outputs: dict[int, Any], real, cost: Cost) -> Any:
+        state["mode"] = "first"
+        replay()
+        n = len(inputs)
+        cost.calls = n
+        if n == 0:
+            raise PargenError(f"{type(self.pipe).__name__} never called its {self.denoiser_name}; nothing to solve")
+        state["mode"] = "window"
+        c = 1  # calls < c are final; call c's recorded input is exact (it follows from final calls only)
+        scale = self._scales(inputs)
+        while c < n:
+            if self.max_rounds is not None and cost.rounds >= self.max_rounds:
+                raise PargenError(f"no convergence within {self.max_rounds} rounds (window {self.window}, tol "
+                                  f"{self.tol:g})")
+            hi = min(n, c + self.window)
+            batch = inputs[c:hi]
+            for i, o in zip(range(c, hi), _split(real(**_batch(batch)), [x.sample().shape[0] for x in batch])):
+                outputs[i] = o
+            cost.rounds += 1
+            cost.evaluations += hi - c
+            old = [x.sample() for x in batch]
+            replay()
+            new = [inputs[i].sample() for i in range(c, hi)]
+            errs = [float((u - v).double().pow(2).mean().sqrt()) / s for u, v, s in zip(new, old, scale[c:hi])]
+            cost.residuals.append(max(errs, default=0.0))
+            step = 1  # call c was evaluated at its true input: final
+            while c + step < hi and errs[step] <= self.tol:
+                step += 1
+            c += step
+        return replay(final=True)
+
+    def _scales(self, inputs: list[_Call]) -> list[float]:
+        """Per call, what `tol` is relative to: 1 (an absolute RMS change of the denoiser's input), or with
+        tol_scale="noise" the noise std the scheduler adds at that call's timestep (ParaDiGMS' and diffusers'
+        StableDiffusionParadigmsPipeline's convention; DDPM-family schedulers only)."""
+        if self.tol_scale == "none":
+            return [1.0] * len(inputs)
+        sched = self.pipe.scheduler
+        var = getattr(sched, "_get_variance", None)
+        if var is None or "prev_timestep" in inspect.signature(var).parameters:
+            raise PargenError(f"tol_scale='noise' needs a DDPM-family scheduler (one noise variance per timestep); "
+                              f"{type(sched).__name__} has none")
+        out = []
+        for call in inputs:
+            t = call.kwargs.get("timestep", call.kwargs.get("t"))
+            t = int(t.reshape(-1)[0]) if isinstance(t, Tensor) else int(t)
+            out.append(max(float(var(t)), 1e-20) ** 0.5)
+        return out
+
+
+def _decoded(img: Tensor):
+    try:
+        from diffusers.models.autoencoders.vae import DecoderOutput
+    except ImportError:  # older layouts
+        from diffusers.models.vae import DecoderOutput
+    return DecoderOutput(sample=img)
+
+
+def parallel(pipe, method: str = "picard", window: int = 8, tol: float = 1e-3, max_rounds: int | None = None,
+             tol_scale: str = "none") -> Parallel:
+    """`pipe` (any diffusers pipeline) with its denoiser calls solved in parallel windows; call it as the pipeline.
+
+    method: "picard" (sliding window of `window` denoiser calls per batched call) or "sequential" (the pipeline
+    itself, counted). tol: largest RMS change of a call's input between rounds for it to count as final
+    (0: exact up to the float rounding of batched calls); tol_scale="noise": relative to the scheduler's noise std
+    at that step, as ParaDiGMS (DDPM-family schedulers)."""
+    return Parallel(pipe, method, window, tol, max_rounds, tol_scale)

@@ -1,0 +1,117 @@
+"""`pargen.diffusers.parallel`: any diffusers pipeline and scheduler, exact against the pipeline's own `__call__`.
+
+Tiny random pipelines built locally (tests/tiny_pipes.py). The bound: at tol 0 the images (numpy, [0, 1]) are
+within 2e-6 of the pipeline's own (batched denoiser calls round differently in the last bits of float32; one
+denoiser call per window, `window=1`, is bit-exact); a loose tolerance must take fewer rounds and stay close."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+import pargen.diffusers as PD  # noqa: E402
+from pargen.errors import PargenError  # noqa: E402
+
+from . import tiny_pipes as T  # noqa: E402
+
+EXACT = 2e-6
+KW_SD = dict(prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"], num_inference_steps=8,
+             guidance_scale=5.0, height=16, width=16)
+
+
+def _image(seed: int = 0):
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(16, 16, 3) * 255).astype(np.uint8))
+
+
+def _run(pipe, fast, **kw):
+    """(the pipeline's own images, pargen's images, the generator states after each) from the same seed."""
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    ref = pipe(generator=g1, output_type="np", **kw).images
+    out = fast(generator=g2, output_type="np", **kw).images
+    assert torch.equal(g1.get_state(), g2.get_state())  # the same draws, and the generator left as the pipeline does
+    return ref, out
+
+
+def _check(pipe, window: int = 4, loose: float = 1e-2, close: float = 1e-3, **kw):
+    exact = PD.parallel(pipe, window=window, tol=0)
+    ref, out = _run(pipe, exact, **kw)
+    assert out.shape == ref.shape and np.abs(out - ref).max() <= EXACT
+    c = exact.cost
+    assert c.calls >= 2 and c.rounds <= c.calls and c.evaluations >= c.rounds and len(c.residuals) == c.rounds - 1
+    fast = PD.parallel(pipe, window=window, tol=loose)
+    ref, out = _run(pipe, fast, **kw)
+    assert fast.cost.rounds < c.calls and np.abs(out - ref).max() <= close
+    return c, fast.cost
+
+
+PIPELINES = {
+    "ddpm": (lambda: T.ddpm("ddpm"), dict(batch_size=2, num_inference_steps=12, loose=1e-3)),
+    "ddim": (lambda: T.ddpm("ddim"), dict(batch_size=2, num_inference_steps=12, loose=1e-3)),
+    "dit": (T.dit, dict(class_labels=[1, 2], num_inference_steps=10, guidance_scale=4.0)),
+    "stable-diffusion": (T.sd, KW_SD),
+    "sd3-flow-match": (T.sd3, dict(prompt="a cat", negative_prompt="dark", num_inference_steps=8, guidance_scale=5.0,
+                                   height=16, width=16)),
+    "img2img": (lambda: T.sd(img2img=True), dict(KW_SD, image=_image(), strength=0.75)),
+    "inpaint": (lambda: T.sd(inpaint=True), dict(KW_SD, image=_image(), mask_image=_image(1).convert("L"))),
+}
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_pipeline_output_equals_its_own_call(name):
+    build, kw = PIPELINES[name]
+    kw = dict(kw)
+    _check(build(), loose=kw.pop("loose", 1e-2), **kw)
+
+
+SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+              "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler", "PNDMScheduler"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_schedulers_on_stable_diffusion_are_exact(scheduler):
+    import diffusers
+
+    cls = getattr(diffusers, scheduler)
+    s = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+            **({"steps_offset": 1} if "steps_offset" in cls.__init__.__code__.co_varnames else {}))
+    exact, _ = _check(T.sd(s), **KW_SD)
+    if scheduler == "HeunDiscreteScheduler":  # two denoiser calls per step: positions are calls, not steps
+        assert exact.calls == 2 * KW_SD["num_inference_steps"] - 1
+
+
+def test_one_call_per_window_is_bit_exact_and_sequential_method_counts_calls():
+    pipe = T.sd()
+    ref, out = _run(pipe, PD.parallel(pipe, window=1, tol=0), **KW_SD)
+    assert np.array_equal(ref, out)
+    seq = PD.parallel(pipe, method="sequential")
+    ref, out = _run(pipe, seq, **KW_SD)
+    assert np.array_equal(ref, out) and seq.cost.rounds == seq.cost.calls == 8 and seq.cost.replays == 1
+
+
+def test_output_carries_the_cost_and_text_encodes_once():
+    pipe = T.sd()
+    calls = []
+    real = pipe.text_encoder.forward
+    pipe.text_encoder.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    fast = PD.parallel(pipe, window=4, tol=1e-2)
+    out = fast(generator=torch.Generator().manual_seed(0), output_type="np", **KW_SD)
+    assert out.pargen is fast.cost and fast.cost.replays == fast.cost.rounds + 1
+    assert len(calls) == 2  # prompt and negative prompt, once each for all replays
+    assert "forward" not in pipe.unet.__dict__  # the denoiser is restored
+
+
+def test_bad_input_is_a_one_line_error():
+    with pytest.raises(PargenError, match="not a diffusers pipeline"):
+        PD.parallel(object())
+    pipe = T.sd()
+    with pytest.raises(PargenError, match="window must be >= 1"):
+        PD.parallel(pipe, window=0)
+    with pytest.raises(PargenError, match="StableDiffusionPipeline: .*generator"):
+        PD.parallel(pipe)(generator=[torch.Generator()] * 3, **KW_SD)
+    del pipe.unet
+    pipe.unet = None
+    with pytest.raises(PargenError, match="has no denoiser pargen knows"):
+        PD.parallel(pipe)
