@@ -3,6 +3,8 @@
 Tiny random pipelines built locally (tests/tiny_pipes.py). The bound: at tol 0 the images (numpy, [0, 1]) are
 within 2e-6 of the pipeline's own (batched denoiser calls round differently in the last bits of float32; one
 denoiser call per window, `window=1`, is bit-exact); a loose tolerance must take fewer rounds and stay close."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,38 @@ def test_bad_input_is_a_one_line_error():
     pipe.unet = None
     with pytest.raises(PargenError, match="has no denoiser pargen knows"):
         PD.parallel(pipe)
+
+
+def test_cli_on_a_local_pipeline_directory(tmp_path, capsys):
+    from pargen.cli.main import main
+
+    pipe = T.ddpm("ddpm")  # stochastic: the per-seed generators must reach the scheduler's noise too
+    d = tmp_path / "pipe"
+    pipe.save_pretrained(d)
+    seeds = [0, 1, 2]
+    want = pipe(generator=[torch.Generator().manual_seed(s) for s in seeds], batch_size=3, num_inference_steps=12,
+                output_type="np").images
+    npz = tmp_path / "s.npz"
+    assert main(["sample", "--diffusers", str(d), "-n", "3", "--steps", "12", "--method", "picard", "--window", "4",
+                 "--tol", "0", "--batch-size", "2", "--out", str(tmp_path / "g.png"), "--npz", str(npz)]) == 0
+    got = np.load(npz)["arr_0"]
+    assert got.shape == (3, 8, 8, 1) and np.abs(got.astype(int) - np.round(want * 255).astype(int)).max() <= 1
+    assert "DDPMPipeline + DDPMScheduler, Picard (window 4, tol 0)" in capsys.readouterr().out
+    assert main(["calibrate", "diffusion", "--diffusers", str(d), "--steps", "12", "--seeds", "2", "--batch", "1",
+                 "--max-err", "1e-2"]) == 0
+    rec = json.loads((d / "pargen_calibration.json").read_text())["DDPMScheduler/12/None"]
+    assert rec["max_abs_err"] <= 1e-2 and rec["rounds"] < rec["calls"] == 12
+    js = tmp_path / "b.json"
+    assert main(["bench", "diffusion", "--diffusers", str(d), "--steps", "12", "--batch", "1", "--repeats", "2",
+                 "--scheduler", "DPMSolverMultistepScheduler", "--json", str(js)]) == 0
+    recs = json.loads(js.read_text())
+    assert [r["method"] for r in recs] == ["sequential", "picard"]
+    assert recs[1]["scheduler"] == "DPMSolverMultistepScheduler" and recs[1]["rounds"] < recs[0]["rounds"] == 12
+    from .test_cli import run_cli
+
+    r = run_cli("sample", "--diffusers", str(tmp_path))
+    assert r.returncode == 2 and "not a diffusers pipeline directory" in r.stderr
+    r = run_cli("sample", "--diffusers", str(d), "--scheduler", "NoSuchScheduler")
+    assert r.returncode == 2 and "no scheduler 'NoSuchScheduler'" in r.stderr
+    r = run_cli("sample", "--diffusers", str(d), "--labels", "3")
+    assert r.returncode == 2 and "takes no class labels" in r.stderr

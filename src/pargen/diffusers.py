@@ -394,3 +394,200 @@ def parallel(pipe, method: str = "picard", window: int = 8, tol: float = 1e-3, m
     (0: exact up to the float rounding of batched calls); tol_scale="noise": relative to the scheduler's noise std
     at that step, as ParaDiGMS (DDPM-family schedulers)."""
     return Parallel(pipe, method, window, tol, max_rounds, tol_scale)
+
+
+# ---- local pipeline directories: loading, the call for a list of seeds, calibration and the bench
+
+RECORD = "pargen_calibration.json"  # beside the pipeline's model_index.json
+WINDOWS = (2, 4, 8, 16, 32)
+TOLS = (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # loosest first: per window, the first that meets the error
+MARGIN = 0.9  # a parallel setting must take at most this share of the sequential time (timing noise ~5-10%)
+
+
+def load_pipeline(path: str, device: str = "cpu", scheduler: str | None = None):
+    """A diffusers pipeline from a local directory (`save_pretrained`), optionally with another scheduler class
+    built from its scheduler's config (e.g. "DPMSolverMultistepScheduler"); never downloads."""
+    from pathlib import Path
+
+    root = Path(path)
+    if not (root / "model_index.json").is_file():
+        raise PargenError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    import diffusers
+
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(root), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise PargenError(f"cannot load the pipeline in {path}: {str(e).splitlines()[0]}") from None
+    find_denoiser(pipe)
+    if scheduler:
+        cls = getattr(diffusers, scheduler, None)
+        if cls is None or not hasattr(cls, "from_config") or not scheduler.endswith("Scheduler"):
+            raise PargenError(f"diffusers has no scheduler {scheduler!r}")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def call_args(pipe, seeds: list[int], labels: list[int] | None = None, prompt: str | None = None,
+              steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
+    """Keyword arguments of `pipe(...)` for these seeds: one generator per image (an image depends on its seed
+    only), and what the pipeline takes of labels, prompt, steps and guidance."""
+    params = inspect.signature(pipe.__call__).parameters
+    kw: dict[str, Any] = {"generator": [torch.Generator().manual_seed(s) for s in seeds], "output_type": "np"}
+    if "class_labels" in params:
+        if not labels:
+            raise PargenError(f"{type(pipe).__name__} is class-conditional; give --labels")
+        kw["class_labels"] = [labels[i % len(labels)] for i in range(len(seeds))]
+    elif labels:
+        raise PargenError(f"{type(pipe).__name__} takes no class labels")
+    if "prompt" in params:
+        kw["prompt"] = [prompt or ""] * len(seeds)
+    elif prompt:
+        raise PargenError(f"{type(pipe).__name__} takes no prompt")
+    elif "batch_size" in params:
+        kw["batch_size"] = len(seeds)
+    if steps is not None:
+        kw["num_inference_steps"] = steps
+    if guidance is not None:
+        if "guidance_scale" not in params:
+            raise PargenError(f"{type(pipe).__name__} takes no guidance scale")
+        kw["guidance_scale"] = guidance
+    return kw
+
+
+def images(out) -> Tensor:
+    """A pipeline output's images as (N, C, H, W) float32 in [0, 1]."""
+    x = out.images if hasattr(out, "images") else out[0]
+    x = torch.as_tensor(x).float()
+    return x.permute(0, 3, 1, 2).contiguous() if x.shape[-1] in (1, 3, 4) else x
+
+
+def _record_key(pipe, steps: int | None, guidance: float | None) -> str:
+    return f"{type(pipe.scheduler).__name__}/{steps}/{guidance}"
+
+
+def read_record(path: str) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    p = Path(path) / RECORD
+    if not p.exists():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PargenError(f"calibration record {p} is corrupt: {e}") from None
+
+
+def settings(path: str, pipe, method: str, batch: int, steps: int | None, guidance: float | None,
+             window: int | None = None, tol: float | None = None) -> dict[str, Any]:
+    """method "auto": the calibrated window and tolerance for this scheduler, steps and guidance up to the batch
+    where they were measured to win, else the pipeline's own sequential loop. Explicit windows / tols win."""
+    if method not in ("auto", "sequential", "picard"):
+        raise PargenError(f"a diffusers pipeline samples with method auto, sequential or picard, not {method!r}")
+    rec = read_record(path).get(_record_key(pipe, steps, guidance), {})
+    if method == "auto":
+        method = "picard" if rec and batch <= rec.get("max_batch", 0) else "sequential"
+    return {"method": method, "window": window or rec.get("window", 8), "tol": rec.get("tol", 1e-3) if tol is None
+            else tol, "calibrated": bool(rec)}
+
+
+def calibrate(path: str, pipe, steps: int | None, guidance: float | None, max_err: float = 2e-3, seeds: int = 4,
+              batches: list[int] = (1, 2, 4, 16), seed: int = 1000, prompt: str | None = None,
+              labels: list[int] | None = None, repeats: int = 3, log=print) -> dict[str, Any]:
+    """Per window, the loosest tolerance whose images stay within `max_err` (max abs on the [-1, 1] scale) of the
+    pipeline's own images on `seeds` images; the fastest at batch 1 is stored in DIR/pargen_calibration.json with
+    the largest batch at which it still beats the sequential loop by more than timing noise."""
+    import json
+    import statistics
+    import time
+    from pathlib import Path
+
+    ss = list(range(seed, seed + seeds))
+
+    def timed(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    def run(s, **p):
+        return images(parallel(pipe, **p)(**call_args(pipe, s, labels, prompt, steps, guidance)))
+
+    ref = run(ss, method="sequential")
+    seq_s = timed(lambda: run(ss[:1], method="sequential"))
+    log(f"{type(pipe).__name__} + {type(pipe.scheduler).__name__}: sequential {seq_s * 1e3:.0f} ms at batch 1; "
+        f"max abs error allowed {max_err:g} on {seeds} seeds")
+    found = []
+    for w in WINDOWS:
+        for tol in TOLS:
+            fast = parallel(pipe, window=w, tol=tol)
+            got = images(fast(**call_args(pipe, ss, labels, prompt, steps, guidance)))
+            err = float((got - ref).abs().max()) * 2
+            if err <= max_err:
+                sec = timed(lambda: run(ss[:1], window=w, tol=tol))
+                found.append({"window": w, "tol": tol, "max_abs_err": err, "rounds": fast.cost.rounds,
+                              "calls": fast.cost.calls, "seconds": sec})
+                log(f"  window {w:3d}: tol {tol:g}, max err {err:.1e}, rounds {fast.cost.rounds} of "
+                    f"{fast.cost.calls}, {sec * 1e3:.0f} ms ({seq_s / sec:.2f}x)")
+                break
+        else:
+            log(f"  window {w:3d}: no tolerance in {TOLS} reaches {max_err:g}")
+    best = min(found, key=lambda c: c["seconds"], default=None)
+    rec: dict[str, Any] = {"max_batch": 0, "max_abs_err_target": max_err, "seeds": seeds,
+                           "sequential_s": round(seq_s, 4)}
+    if best is not None:
+        rec.update({k: best[k] for k in ("window", "tol", "max_abs_err", "rounds", "calls")},
+                   speedup=round(seq_s / best["seconds"], 3))
+        if best["seconds"] <= MARGIN * seq_s:
+            rec["max_batch"] = 1
+            for B in sorted(b for b in batches if b > 1):
+                sb = list(range(seed, seed + B))
+                s_seq = timed(lambda: run(sb, method="sequential"))
+                s_par = timed(lambda: run(sb, window=best["window"], tol=best["tol"]))
+                log(f"  batch {B}: sequential {s_seq * 1e3:.0f} ms, Picard {s_par * 1e3:.0f} ms ({s_seq / s_par:.2f}x)")
+                if s_par > MARGIN * s_seq:
+                    break
+                rec["max_batch"] = B
+    doc = read_record(path)
+    doc[_record_key(pipe, steps, guidance)] = rec
+    out = Path(path) / RECORD
+    from .checkpoint import atomic_write
+
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    log(f"  -> " + (f"window {rec['window']}, tol {rec['tol']:g}, up to batch {rec['max_batch']}" if rec["max_batch"]
+                    else "sequential at every batch size") + f"; saved to {out}")
+    return rec
+
+
+def bench(path: str, pipe, steps: int | None, guidance: float | None, batches: list[int], repeats: int,
+          seed: int = 0, window: int | None = None, tol: float | None = None, prompt: str | None = None,
+          labels: list[int] | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """The pipeline's own loop against Picard (the calibrated or given window and tolerance), interleaved."""
+    from .evaluation import bench as benchmod
+
+    records = []
+    for B in batches:
+        st = settings(path, pipe, "picard", B, steps, guidance, window, tol)
+        ss = list(range(seed, seed + B))
+
+        def runner(**p):
+            fast = parallel(pipe, **p)
+
+            def go():
+                out = images(fast(**call_args(pipe, ss, labels, prompt, steps, guidance)))
+                return out * 2 - 1, {"rounds": fast.cost.rounds, "nfe": fast.cost.evaluations,
+                                     "calls": fast.cost.calls}
+            return go
+
+        info = {"pipeline": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "steps": steps,
+                "guidance": guidance}
+        records += benchmod.run("diffusers", benchmod.Method("sequential", runner(method="sequential"), info),
+                                [benchmod.Method("picard", runner(window=st["window"], tol=st["tol"]),
+                                                 {**info, "window": st["window"], "tol": st["tol"],
+                                                  "calibrated": st["calibrated"]})],
+                                batch=B, seed=seed, repeats=repeats, progress=progress)
+    return records

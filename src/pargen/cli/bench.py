@@ -34,6 +34,16 @@ def cmd_bench(args) -> int:
                           "one generator); torchrun shares the batch for bench tarflow and bench diffusion")
     if args.family == "lowrank":
         return _bench_lowrank(args)
+    if args.diffusers:
+        from .. import diffusers as PD
+
+        if args.family != "diffusion" or args.checkpoint:
+            raise PargenError("--diffusers DIR benches a diffusers pipeline: `pargen bench diffusion --diffusers DIR`")
+        pipe = PD.load_pipeline(args.diffusers, args.device, args.scheduler)
+        print(f"bench diffusers: {type(pipe).__name__} + {type(pipe.scheduler).__name__}, batches {args.batch}, "
+              f"{args.repeats} repeats (interleaved), {torch.get_num_threads()} threads")
+        return _report(PD.bench(args.diffusers, pipe, args.steps, args.cfg, args.batch, args.repeats, args.seed,
+                                args.window, args.tol, args.prompt, args.labels, progress=True), args.json)
     pipe = _open(args)
     lead = distributed.world()[0] == 0
     log = print if lead else (lambda *_: None)

@@ -15,6 +15,16 @@ from ..evaluation.bench import write_json
 from ..pipelines import tokenizer_for
 
 
+def add_diffusers_args(g) -> None:
+    g.add_argument("--diffusers", default=None, metavar="DIR",
+                   help="a local diffusers pipeline directory (save_pretrained) instead of a pargen checkpoint: "
+                        "Picard over its own denoiser and scheduler (--method auto | sequential | picard)")
+    g.add_argument("--scheduler", default=None, metavar="CLASS",
+                   help="--diffusers: another diffusers scheduler class from the pipeline's scheduler config, "
+                        "e.g. DPMSolverMultistepScheduler, EulerDiscreteScheduler")
+    g.add_argument("--prompt", default=None, help="--diffusers: the text prompt of a text-to-image pipeline")
+
+
 def add_parsers(sub, positive_int, nonneg_float) -> None:
     from ..pipelines.diffusion import DiffusionPipeline
     from ..pipelines.tarflow import TarFlowPipeline
@@ -62,6 +72,7 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
         d.add_argument("--block", type=positive_int, default=None, help="block-Picard block length M")
         d.add_argument("--sweeps", type=positive_int, default=None, help="block-Picard sweeps per block K")
         d.add_argument("--anderson", type=int, default=None, help="Anderson history depth (0: off)")
+        add_diffusers_args(d)
         v = q.add_argument_group("VAR, raster AR and coarse-to-fine")
         v.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: all)")
         v.add_argument("--top-p", type=nonneg_float, default=None, help="nucleus sampling mass (0: off)")
@@ -80,7 +91,7 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     s = sub.add_parser("sample", help="sample images from a checkpoint into a PNG grid",
                        description="Sample images. Seeds are per image (seed, seed+1, ...), so an image does not "
                                    "depend on the batch size; labels default to seed mod classes.")
-    s.add_argument("checkpoint", help="bundled name (e.g. tarflow-mnist) or path")
+    s.add_argument("checkpoint", nargs="?", default=None, help="bundled name (e.g. tarflow-mnist) or path")
     s.add_argument("-n", "--n", type=positive_int, default=16, help="number of images (-n under torchrun, which "
                    "claims --n)")
     s.add_argument("--seed", type=int, default=0, help="seed of the first image")
@@ -138,6 +149,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     g.add_argument("--block", type=positive_int, default=None)
     g.add_argument("--sweeps", type=positive_int, default=None)
     g.add_argument("--anderson", type=int, default=None)
+    add_diffusers_args(g)
+    g.add_argument("--steps", type=positive_int, default=None, help="--diffusers: inference steps")
+    g.add_argument("--labels", type=int, nargs="*", default=None, help="--diffusers: class labels (cycled)")
     g.add_argument("--split", choices=["seeds", "calls"], default="seeds",
                    help="under torchrun: share the batch over the processes (seeds), or run the whole batch on "
                         "every process and split every model call over them (calls; the sequential sampler's "
@@ -185,7 +199,9 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                                    "checkpoint's JSON with the largest batch at which it still wins, and `--method "
                                    "auto` uses it.")
     c.add_argument("family", choices=["tarflow", "diffusion"])
-    c.add_argument("checkpoint")
+    c.add_argument("checkpoint", nargs="?", default=None)
+    add_diffusers_args(c)
+    c.add_argument("--labels", type=int, nargs="*", default=None, help="--diffusers: class labels (cycled)")
     c.add_argument("--data", default=None, help="tarflow: training data for CRM/IGM (default: the checkpoint's)")
     c.add_argument("--batch", type=positive_int, nargs="+", default=None,
                    help="batch sizes to plan for (tarflow: 1 16; diffusion: 1 2 4 16)")
@@ -258,6 +274,9 @@ def generate(args, pipe, seeds: list[int], labels=None):
     """pipe.sample with the command's flags; (Output, one-line description, cost line)."""
     from .. import distributed
 
+    extra = [f for f in ("prompt", "scheduler") if getattr(args, f, None)]
+    if extra:
+        raise PargenError(f"--{extra[0]} applies to --diffusers pipelines only")
     if args.split == "calls" and pipe.family != "denoiser":
         raise PargenError("--split calls splits the model calls of a diffusion sampler; use --split seeds here")
     out = pipe.sample(seeds, labels, method=args.method, batch_size=args.batch_size, **overrides(args))
@@ -304,12 +323,17 @@ def cmd_sample(args) -> int:
     from .. import distributed, images
 
     rank, _ = distributed.init()  # under torchrun the seeds (or, --split calls, the model calls) are shared
-    pipe = open_pipeline(args, args.checkpoint)
     seeds = list(range(args.seed, args.seed + args.n))
-    out, desc, costs = generate(args, pipe, seeds, args.labels)
+    if args.diffusers:
+        x, desc, costs = sample_diffusers(args, seeds)
+    else:
+        if not args.checkpoint:
+            raise PargenError("sample needs a checkpoint (or --diffusers DIR)")
+        pipe = open_pipeline(args, args.checkpoint)
+        out, desc, costs = generate(args, pipe, seeds, args.labels)
+        x = out.signed
     if rank:
         return 0
-    x = out.signed
     path = images.save_grid(x, args.out, scale=2)
     if args.each:
         images.save_each(x, args.each, [f"seed{s:06d}" for s in seeds])
@@ -317,6 +341,28 @@ def cmd_sample(args) -> int:
         images.save_npz(x, args.npz)
     print(f"{len(seeds)} images -> {path} | {desc} | {costs}")
     return 0
+
+
+def sample_diffusers(args, seeds: list[int]):
+    """A local diffusers pipeline sampled with pargen.diffusers; (images in [-1, 1], description, cost line)."""
+    from .. import diffusers as PD
+
+    if args.checkpoint:
+        raise PargenError("give a pargen checkpoint or --diffusers DIR, not both")
+    pipe = PD.load_pipeline(args.diffusers, args.device, args.scheduler)
+    st = PD.settings(args.diffusers, pipe, args.method, args.batch_size, args.steps, args.cfg, args.window, args.tol)
+    fast = PD.parallel(pipe, st["method"], st["window"], st["tol"])
+    imgs, rounds, calls = [], 0, 0
+    for i in range(0, len(seeds), args.batch_size):
+        s = seeds[i: i + args.batch_size]
+        imgs.append(PD.images(fast(**PD.call_args(pipe, s, args.labels, args.prompt, args.steps, args.cfg))))
+        rounds, calls = rounds + fast.cost.rounds, calls + fast.cost.calls
+    how = "sequential (the pipeline's own loop)" if st["method"] == "sequential" else \
+        f"Picard (window {st['window']}, tol {st['tol']:g}{', calibrated' if st['calibrated'] else ''})"
+    n = -(-len(seeds) // args.batch_size)
+    desc = f"{type(pipe).__name__} + {type(pipe.scheduler).__name__}, {how}"
+    return torch.cat(imgs) * 2 - 1, desc, f"{rounds / n:.0f} sequential denoiser calls per batch (the pipeline " \
+                                          f"makes {calls / n:.0f})"
 
 
 def _image_set(spec: str) -> torch.Tensor:
@@ -420,6 +466,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    if args.diffusers:
+        from .. import diffusers as PD
+
+        if args.family != "diffusion" or args.checkpoint:
+            raise PargenError("--diffusers DIR calibrates a diffusers pipeline: `pargen calibrate diffusion "
+                              "--diffusers DIR`")
+        pipe = PD.load_pipeline(args.diffusers, args.device, args.scheduler)
+        PD.calibrate(args.diffusers, pipe, args.steps, args.cfg, args.max_err, args.seeds, args.batch or [1, 2, 4, 16],
+                     args.seed, args.prompt, args.labels)
+        return 0
+    if not args.checkpoint:
+        raise PargenError(f"calibrate {args.family} needs a checkpoint")
     want = {"tarflow": "tarflow", "diffusion": "denoiser"}[args.family]
     path = checkpoint.resolve(args.checkpoint)
     fam = checkpoint.read_meta(path)["family"]
