@@ -100,8 +100,9 @@ def _whole(m: Method, out: Tensor, cost: dict[str, Any]) -> tuple[Tensor, dict[s
 def run(family: str, baseline: Method, methods: list[Method], *, batch: int, seed: int, repeats: int = 5,
         warmup: int = 1, reference: Tensor | None = None, device: torch.device | str | None = None,
         progress: bool = False) -> list[dict[str, Any]]:
-    """Time the baseline and each method interleaved (B M1 M2 .. B M1 M2 ..: a slow spell of the machine hits
-    every method alike), after `warmup` untimed runs each. Speed-up: the median over repeats of the pair ratio
+    """Time the baseline and each method interleaved (B M1 M2, M1 M2 B, M2 B M1, ...: a slow spell of the machine
+    hits every method alike, and no method always runs first or after the same one), after `warmup` untimed runs
+    each. Speed-up: the median over repeats of the pair ratio
     baseline time / method time, with its min-max, quartiles and a `noisy` flag. Errors are measured in float64
     against `reference` when given (e.g. the float32 sequential answer of a bfloat16 run), else against the
     baseline's output. Under torchrun `batch` is the whole batch and each method runs on this rank's share."""
@@ -113,8 +114,9 @@ def run(family: str, baseline: Method, methods: list[Method], *, batch: int, see
             m.run()
     times = {id(m): [] for m in everyone}
     last: dict[int, tuple[Tensor, dict[str, Any]]] = {}
-    for _ in tqdm(range(repeats), desc=f"bench {family} batch {batch}", leave=False, disable=not progress):
-        for m in everyone:
+    for r in tqdm(range(repeats), desc=f"bench {family} batch {batch}", leave=False, disable=not progress):
+        k = r % len(everyone)  # rotate the order: what runs first or after which method averages out over rounds
+        for m in everyone[k:] + everyone[:k]:
             out, cost, took = _once(m, device)
             times[id(m)].append(took)
             last[id(m)] = (out, cost)

@@ -276,7 +276,8 @@ class RasterPipeline(Pipeline):
     def quality(self, guidance: list[float], n: int, seed: int = 0, method: str = "sequential",
                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
         """FID / KID / IS of n samples per guidance scale against the first max(n, 1000) MNIST test images, as
-        `pargen eval` does."""
+        `pargen eval` does. Speculative Jacobi decoding draws 50 images per call from one generator (a draw
+        from the same distribution; per-seed images would take one call per image)."""
         from .. import checkpoint, data
 
         clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
@@ -285,8 +286,14 @@ class RasterPipeline(Pipeline):
         rows = []
         key = "ctf" if self.ctf else "raster"
         for s in tqdm(guidance, desc=f"{key} quality", leave=False, dynamic_ncols=True):
-            out = self.sample(list(range(seed, seed + n)), method=method, batch_size=50, cfg=s, progress=False)
-            sc = metrics.scores(real, out.signed, feats, clf)
+            if method == "sjd":  # per seed, SJD runs one image per call; for a distribution, 50 per generator
+                st, y = self.settings("sjd", cfg=s), self.labels(list(range(seed, seed + n)))
+                fake = torch.cat([self.draw(y[i: i + 50], self.generator(seed + i), st)[0]
+                                  for i in range(0, n, 50)]).mul(2).sub(1)
+            else:
+                fake = self.sample(list(range(seed, seed + n)), method=method, batch_size=50, cfg=s,
+                                   progress=False).signed
+            sc = metrics.scores(real, fake, feats, clf)
             rows.append({"model": key, "guidance": s, "n": n, "method": method, **sc})
             log(f"  {key:6s} {method} guidance {s:<4g} FID {sc['fid']:6.2f}  IS {sc['is']:.2f}")
         return rows
