@@ -53,7 +53,7 @@ def main() -> None:
         seen.update(calls=0, rows=0)
         pipe.unet.forward = counting
         try:
-            out = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+            out = pipe(generator=torch.Generator().manual_seed(0), **kw).images * 2 - 1  # errors on [-1, 1]
         finally:
             del pipe.unet.forward
         return out, {"rounds": seen["calls"], "nfe": seen["rows"] // 2}  # two guidance branches per image
@@ -64,7 +64,7 @@ def main() -> None:
             pipe.unet.forward = counting  # the peer shares the unet module
             try:
                 out = peer(generator=torch.Generator().manual_seed(0), parallel=args.window, tolerance=tol,
-                           **kw).images
+                           **kw).images * 2 - 1
             finally:
                 del pipe.unet.forward
             return out, {"rounds": seen["calls"], "nfe": seen["rows"] // 2}
@@ -74,7 +74,7 @@ def main() -> None:
         fast = PD.parallel(pipe, window=args.window, tol=tol, tol_scale="noise")
 
         def go():
-            out = fast(generator=torch.Generator().manual_seed(0), **kw).images
+            out = fast(generator=torch.Generator().manual_seed(0), **kw).images * 2 - 1
             return out, {"rounds": fast.cost.rounds, "nfe": fast.cost.evaluations, "replays": fast.cost.replays}
         return go
 

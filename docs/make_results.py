@@ -17,8 +17,9 @@ SPEED = [("bench_tarflow.json", "TarFlow `tarflow-mnist`"), ("bench_diffusion.js
          ("bench_diffusion_ddpm.json", "diffusion `denoiser-mnist`"),
          ("bench_diffusion_lite.json", "diffusion `denoiser-mnist-lite`"),
          ("bench_diffusion_lite_ddpm.json", "diffusion `denoiser-mnist-lite`"),
+         ("bench_diffusion_lite_ddpm_interleaved.json", "diffusion `denoiser-mnist-lite`, re-measured interleaved"),
          ("bench_var.json", "VAR `var-mnist` / raster AR `raster-mnist`"),
-         ("bench_ctf.json", "raster AR `raster-mnist` / CTF `c2f-mnist`")]
+         ("bench_ctf_speed.json", "raster AR `raster-mnist` / CTF `c2f-mnist`")]  # `bench ctf` without --fid
 
 
 SAME = 2e-3  # max abs error (images on [-1, 1]) within which a method counts as giving the baseline's output
@@ -114,6 +115,27 @@ def quality_lines(docs: Path) -> list[str]:
     return lines
 
 
+def peer_lines(docs: Path) -> list[str]:
+    """pargen.diffusers against diffusers' StableDiffusionParadigmsPipeline (benchmarks/diffusers_peer.py)."""
+    path = docs / "bench_diffusers_peer.json"
+    if not path.exists():
+        return []
+    recs = json.loads(path.read_text())
+    bad = [r["method"] for r in recs if r.get("noisy")]
+    if bad:
+        raise Noisy(f"bench_diffusers_peer.json: {', '.join(sorted(set(bad)))} measured on a noisy machine")
+    r0 = recs[0]
+    lines = [f"pargen.diffusers vs diffusers' ParaDiGMS on the tiny Stable Diffusion pipeline ({r0['steps']} "
+             f"`{r0['scheduler']}` steps, guidance, batch 1, window {r0['window']}, the same tolerance convention; "
+             "errors against the sequential pipeline on [-1, 1]; `bench_diffusers_peer.json`):", "",
+             "| tol | method | rounds | model evaluations | max abs err | wall s | speed-up |", "|---|---|---|---|---|---|---|"]
+    for r in recs:
+        tol = "-" if r["method"] == "sequential" else f"{r['tol']:g}"
+        lines.append(f"| {tol} | {r['method']} | {r['rounds']} | {r['nfe']} | {_num(r['max_abs_err'])} | "
+                     f"{r['wall_s_median']:.3g} | {_speed(r)} |")
+    return lines
+
+
 def section(docs: Path = DOCS) -> str:
     head = ["| model | batch | baseline | method | calls | speed-up | max abs err | "
             "FID base / fast | source |", "|---|---|---|---|---|---|---|---|---|"]
@@ -129,7 +151,9 @@ def section(docs: Path = DOCS) -> str:
             "of those ratios in brackets; `*`: measured before the harness interleaved its runs (baseline median "
             "/ method median). A file whose pair ratios disagree (the machine was shared) is refused. `-` as error: another model (VAR or CTF against raster AR) or another draw from the same "
             "distribution (speculative Jacobi decoding, `sjd`).")
-    return "\n".join([START, "", *head, *rows, "", note, "", *quality_lines(docs), "", END])
+    peer = peer_lines(docs)
+    return "\n".join([START, "", *head, *rows, "", note, "", *quality_lines(docs), "", *(peer + [""] if peer else []),
+                      END])
 
 
 def main() -> int:

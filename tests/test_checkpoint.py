@@ -85,7 +85,7 @@ def test_registry_presets_build_and_train_step():
             for blk in model.blocks:
                 torch.nn.init.normal_(blk.proj_out.weight, std=0.01)
             loss = model.loss(x, torch.tensor([0, 1]) if cfg.num_classes else None)
-        elif model.family == "denoiser":
+        elif model.family in ("denoiser", "unet"):  # unet: a diffusers UNet2DModel trained by pargen
             from pargen.rng import SampleRNG
             from pargen.training.losses import denoiser_loss
 

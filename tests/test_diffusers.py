@@ -152,3 +152,24 @@ def test_cli_on_a_local_pipeline_directory(tmp_path, capsys):
     assert r.returncode == 2 and "no scheduler 'NoSuchScheduler'" in r.stderr
     r = run_cli("sample", "--diffusers", str(d), "--labels", "3")
     assert r.returncode == 2 and "takes no class labels" in r.stderr
+
+
+def test_train_a_unet_export_it_as_a_pipeline_and_sample_it_in_parallel(tmp_path):
+    from diffusers import DDPMPipeline
+
+    from pargen.cli.main import main
+
+    out, d = tmp_path / "unet", tmp_path / "pipe"
+    assert main(["train", "unet-tiny", "--data", "digits", "--steps", "3", "--batch-size", "8", "--out", str(out),
+                 "--export-diffusers", str(d)]) == 0
+    assert (d / "model_index.json").exists() and "pargen train unet-tiny" in (d / "pargen_recipe.txt").read_text()
+    pipe = DDPMPipeline.from_pretrained(str(d), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert next(pipe.unet.parameters()).dtype == torch.float32 and pipe.scheduler.config.clip_sample is False
+    # pargen's training schedule is the exported scheduler's
+    from pargen.models.denoiser import alphas_cumprod
+
+    assert torch.allclose(pipe.scheduler.alphas_cumprod.double(), alphas_cumprod("linear", 1000), atol=1e-6)
+    fast = PD.parallel(pipe, window=8, tol=0)
+    ref, got = _run(pipe, fast, batch_size=2, num_inference_steps=20)
+    assert np.abs(got - ref).max() <= EXACT and fast.cost.calls == 20

@@ -115,8 +115,9 @@ def test_bench_interleaves_and_reports_the_pair_ratio_spread():
         return benchmod.Method(name, lambda: (calls.append(name) or out, {"rounds": 1}))
 
     base, fast = method("base", torch.zeros(3)), method("fast", torch.ones(3))
-    recs = benchmod.run("x", base, [fast], batch=1, seed=0, repeats=4, warmup=1)
-    assert calls == ["base", "fast"] + ["base", "fast", "fast", "base"] * 2  # warm-up, then A B, B A, ...
+    recs = benchmod.run("x", base, [fast], batch=1, seed=0, repeats=4, warmup=1, min_sample_s=0)
+    # warm-up and one sizing run each, then A B, B A, ...
+    assert calls == ["base", "base", "fast", "fast"] + ["base", "fast", "fast", "base"] * 2
     b, f = recs
     ratios = sorted(x / y for x, y in zip(b["wall_s"], f["wall_s"]))
     assert f["speedup"] == pytest.approx((ratios[1] + ratios[2]) / 2)

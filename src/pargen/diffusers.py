@@ -15,7 +15,8 @@ unchanged, many times ("replays"), with the denoiser replaced by a proxy:
   (all calls of a window were evaluated in one batched denoiser call) and records the new input u'_i;
 - calls before the frontier are final (their outputs were evaluated at their true inputs); after a replay the
   frontier moves past every window call whose input changed by at most `tol` (at least one call per round);
-- calls the window has not reached get the latest output evaluated before them, a guess like any other.
+- calls the window has not reached get the latest output evaluated before them, a guess like any other; a
+  replay stops once it has recorded every input the next window can need.
 
 The scheduler's own `step` (any scheduler: multistep solvers keep their history because each replay runs from a
 restored copy), the pipeline's guidance and conditioning are used as they are; nothing is re-implemented. Replays
@@ -55,6 +56,11 @@ class Cost:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+class _Enough(BaseException):
+    """Ends a replay once every input the next round can need is recorded (a BaseException, so that no
+    `except Exception` in a pipeline swallows it)."""
 
 
 def _flatten(x: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -214,13 +220,15 @@ class Parallel:
         cost = Cost(window=self.window, tol=self.tol)
         inputs: list[_Call] = []  # the latest replay's denoiser call inputs
         outputs: dict[int, Any] = {}  # evaluated outputs, by call index
-        state = {"mode": "record", "i": 0}
+        state = {"mode": "record", "i": 0, "stop": None}
 
         sig = inspect.signature(real)
         first = next(iter(sig.parameters))
 
         def proxy(*a, **k):
             i = state["i"]
+            if state["stop"] is not None and i >= state["stop"]:
+                raise _Enough
             state["i"] += 1
             try:
                 bound = dict(sig.bind(*a, **k).arguments)
@@ -247,16 +255,15 @@ class Parallel:
                 inputs[i] = call
             else:
                 inputs.append(call)
-            j = max((j for j in outputs if j <= i), default=None)
-            if j is None:
-                raise PargenError("internal: no denoiser output before call 0")
-            return _clone(outputs[j])
+            # evaluated calls are always 0 .. len(outputs) - 1 (windows only move forward, without gaps)
+            return _clone(outputs[min(i, len(outputs) - 1)])
 
-        patched: list[tuple[Any, str]] = []
+        patched: list[tuple[Any, str, Any]] = []
+        missing = object()
 
-        def patch(obj, name, fn):
+        def patch(obj, name, fn):  # an instance attribute over the class's method, undone in `finally`
+            patched.append((obj, name, obj.__dict__.get(name, missing)))
             setattr(obj, name, fn)
-            patched.append((obj, name))
 
         memo: dict[Any, Any] = {}
 
@@ -273,14 +280,18 @@ class Parallel:
         decode = {"skip": True}
         vae = getattr(pipe, "vae", None)
 
-        def replay(final: bool = False):
+        def replay(final: bool = False, stop: int | None = None):
+            """The pipeline's own call from the starting state; a partial one ends before denoiser call `stop`."""
             restore()
             pipe.scheduler.__dict__.clear()
             pipe.scheduler.__dict__.update(copy.deepcopy(sched0))
-            state["i"] = 0
+            state["i"], state["stop"] = 0, stop
             decode["skip"] = not final
             cost.replays += 1
-            return pipe(*args, **kwargs)
+            try:
+                return pipe(*args, **kwargs)
+            except _Enough:
+                return None
 
         progress = getattr(pipe, "_progress_bar_config", None)
         try:
@@ -313,9 +324,11 @@ class Parallel:
         except ValueError as e:  # the pipeline's own checks (prompt / generator / image mismatches ...)
             raise PargenError(f"{type(pipe).__name__}: {e}") from None
         finally:
-            for obj, name in reversed(patched):
-                if name in obj.__dict__:
-                    del obj.__dict__[name]
+            for obj, name, before in reversed(patched):
+                if before is missing:
+                    obj.__dict__.pop(name, None)
+                else:
+                    obj.__dict__[name] = before
             if progress is not None:
                 pipe._progress_bar_config = progress
             else:
@@ -348,7 +361,7 @@ class Parallel:
             cost.rounds += 1
             cost.evaluations += hi - c
             old = [x.sample() for x in batch]
-            replay()
+            replay(stop=hi + self.window)  # the next window starts at or before hi
             new = [inputs[i].sample() for i in range(c, hi)]
             errs = [float((u - v).double().pow(2).mean().sqrt()) / s for u, v, s in zip(new, old, scale[c:hi])]
             cost.residuals.append(max(errs, default=0.0))
@@ -404,18 +417,23 @@ TOLS = (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # loosest first: per window,
 MARGIN = 0.9  # a parallel setting must take at most this share of the sequential time (timing noise ~5-10%)
 
 
-def load_pipeline(path: str, device: str = "cpu", scheduler: str | None = None):
+def load_pipeline(path: str, device: str = "cpu", scheduler: str | None = None,
+                  dtype: torch.dtype = torch.float32):
     """A diffusers pipeline from a local directory (`save_pretrained`), optionally with another scheduler class
     built from its scheduler's config (e.g. "DPMSolverMultistepScheduler"); never downloads."""
     from pathlib import Path
 
     root = Path(path)
+    if not root.exists() and "/" not in str(path):  # a bundled pipeline name
+        from .checkpoint import BUNDLED
+
+        root = BUNDLED / str(path) if (BUNDLED / str(path) / "model_index.json").is_file() else root
     if not (root / "model_index.json").is_file():
         raise PargenError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     import diffusers
 
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(root), local_files_only=True)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(root), local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError, TypeError, KeyError) as e:
         raise PargenError(f"cannot load the pipeline in {path}: {str(e).splitlines()[0]}") from None
     find_denoiser(pipe)
@@ -460,6 +478,25 @@ def images(out) -> Tensor:
     x = out.images if hasattr(out, "images") else out[0]
     x = torch.as_tensor(x).float()
     return x.permute(0, 3, 1, 2).contiguous() if x.shape[-1] in (1, 3, 4) else x
+
+
+def sample(path: str, pipe, seeds: list[int], method: str = "auto", batch_size: int = 16, steps: int | None = None,
+           guidance: float | None = None, window: int | None = None, tol: float | None = None,
+           labels: list[int] | None = None, prompt: str | None = None) -> tuple[Tensor, dict[str, Any], str]:
+    """(images (N, C, H, W) in [0, 1], cost per batch (mean), description) of a pipeline directory's pipeline for
+    these seeds, in batches; `method="auto"` follows the directory's calibration record."""
+    from tqdm import tqdm
+
+    st = settings(path, pipe, method, min(batch_size, len(seeds)), steps, guidance, window, tol)
+    fast = parallel(pipe, st["method"], st["window"], st["tol"])
+    imgs, costs = [], []
+    for i in tqdm(range(0, len(seeds), batch_size), desc="sample", leave=False, disable=len(seeds) <= batch_size):
+        imgs.append(images(fast(**call_args(pipe, seeds[i: i + batch_size], labels, prompt, steps, guidance))))
+        costs.append(fast.cost)
+    how = "sequential (the pipeline's own loop)" if st["method"] == "sequential" else \
+        f"Picard (window {st['window']}, tol {st['tol']:g}{', calibrated' if st['calibrated'] else ''})"
+    cost = {k: sum(getattr(c, k) for c in costs) / len(costs) for k in ("rounds", "calls", "evaluations")}
+    return torch.cat(imgs), {**cost, **st}, f"{type(pipe).__name__} + {type(pipe.scheduler).__name__}, {how}"
 
 
 def _record_key(pipe, steps: int | None, guidance: float | None) -> str:
@@ -558,7 +595,7 @@ def calibrate(path: str, pipe, steps: int | None, guidance: float | None, max_er
     from .checkpoint import atomic_write
 
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
-    log(f"  -> " + (f"window {rec['window']}, tol {rec['tol']:g}, up to batch {rec['max_batch']}" if rec["max_batch"]
+    log("  -> " + (f"window {rec['window']}, tol {rec['tol']:g}, up to batch {rec['max_batch']}" if rec["max_batch"]
                     else "sequential at every batch size") + f"; saved to {out}")
     return rec
 

@@ -7,7 +7,6 @@ import shlex
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .. import checkpoint, data, pipelines, registry
 from ..errors import PargenError
@@ -350,19 +349,10 @@ def sample_diffusers(args, seeds: list[int]):
     if args.checkpoint:
         raise PargenError("give a pargen checkpoint or --diffusers DIR, not both")
     pipe = PD.load_pipeline(args.diffusers, args.device, args.scheduler)
-    st = PD.settings(args.diffusers, pipe, args.method, args.batch_size, args.steps, args.cfg, args.window, args.tol)
-    fast = PD.parallel(pipe, st["method"], st["window"], st["tol"])
-    imgs, rounds, calls = [], 0, 0
-    for i in range(0, len(seeds), args.batch_size):
-        s = seeds[i: i + args.batch_size]
-        imgs.append(PD.images(fast(**PD.call_args(pipe, s, args.labels, args.prompt, args.steps, args.cfg))))
-        rounds, calls = rounds + fast.cost.rounds, calls + fast.cost.calls
-    how = "sequential (the pipeline's own loop)" if st["method"] == "sequential" else \
-        f"Picard (window {st['window']}, tol {st['tol']:g}{', calibrated' if st['calibrated'] else ''})"
-    n = -(-len(seeds) // args.batch_size)
-    desc = f"{type(pipe).__name__} + {type(pipe.scheduler).__name__}, {how}"
-    return torch.cat(imgs) * 2 - 1, desc, f"{rounds / n:.0f} sequential denoiser calls per batch (the pipeline " \
-                                          f"makes {calls / n:.0f})"
+    x, cost, desc = PD.sample(args.diffusers, pipe, seeds, args.method, args.batch_size, args.steps, args.cfg,
+                              args.window, args.tol, args.labels, args.prompt)
+    return x * 2 - 1, desc, f"{cost['rounds']:.0f} sequential denoiser calls per batch (the pipeline makes " \
+                            f"{cost['calls']:.0f})"
 
 
 def _image_set(spec: str) -> torch.Tensor:
@@ -587,6 +577,12 @@ def cmd_train(args) -> int:
         elif family == "tarflow":
             extra["test_bpd"] = metrics.bits_per_dim(model_eval, test)
             print(f"test bits/dim: {extra['test_bpd']:.4f}")
+    if args.export_diffusers:
+        if family != "unet":
+            raise PargenError("--export-diffusers writes unet presets only")
+        d = res.model.export(args.export_diffusers)
+        (d / "pargen_recipe.txt").write_text("pargen " + " ".join(shlex.quote(a) for a in args.argv) + "\n")
+        print(f"diffusers pipeline: {d}")
     if args.export_fp16:
         line = "pargen " + " ".join(shlex.quote(a) for a in args.argv)
         meta_out = {k: v for k, v in checkpoint.read_meta(args.out).items() if k not in ("family", "config")}

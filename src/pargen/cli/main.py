@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune: start from these weights (same family and shapes; --set may change "
                         "non-shape fields, e.g. attn_scale_cap=2)")
     t.add_argument("--export-fp16", default=None, metavar="PATH", help="also write fp16 weights here at the end")
+    t.add_argument("--export-diffusers", default=None, metavar="DIR",
+                   help="unet presets: also write a diffusers DDPMPipeline directory (fp16) here at the end")
     t.add_argument("--eval", action="store_true", help="report test accuracy / bits per dim at the end")
     t.add_argument("--tokenizer", default=None, metavar="CKPT",
                    help="token models: the frozen tokenizer to train on (VAR: msvq, raster AR: vq)")

@@ -72,14 +72,16 @@ def spread(ratios: list[float]) -> dict[str, Any]:
             "speedup_q3": q3, "noisy": bool((q3 - q1) > NOISY_SPREAD * med)}
 
 
-def _once(m: Method, device) -> tuple[Tensor, dict[str, Any], float]:
-    """One timed run. Under torchrun the ranks start together (barrier) and a run's time is the slowest rank's."""
+def _once(m: Method, device, inner: int = 1) -> tuple[Tensor, dict[str, Any], float]:
+    """One timed sample: `inner` runs back to back, their mean time. Under torchrun the ranks start together
+    (barrier) and a sample's time is the slowest rank's."""
     _, world = distributed.world()
     if world > 1:
         dist.barrier()
     t0 = clock(device)
-    out, cost = m.run()
-    took = torch.tensor(clock(device) - t0, dtype=torch.float64)
+    for _ in range(inner):
+        out, cost = m.run()
+    took = torch.tensor((clock(device) - t0) / inner, dtype=torch.float64)
     if world > 1:
         dist.all_reduce(took, op=dist.ReduceOp.MAX)
     return out, cost, float(took)
@@ -99,25 +101,36 @@ def _whole(m: Method, out: Tensor, cost: dict[str, Any]) -> tuple[Tensor, dict[s
 
 def run(family: str, baseline: Method, methods: list[Method], *, batch: int, seed: int, repeats: int = 5,
         warmup: int = 1, reference: Tensor | None = None, device: torch.device | str | None = None,
-        progress: bool = False) -> list[dict[str, Any]]:
+        progress: bool = False, min_sample_s: float = 0.3) -> list[dict[str, Any]]:
     """Time the baseline and each method interleaved (B M1 M2, M1 M2 B, M2 B M1, ...: a slow spell of the machine
     hits every method alike, and no method always runs first or after the same one), after `warmup` untimed runs
-    each. Speed-up: the median over repeats of the pair ratio
+    each. A timed sample of a method lasts at least about `min_sample_s` (short runs are repeated back to back
+    and averaged, so that millisecond-scale interruptions do not decide a ratio). Speed-up: the median over repeats of the pair ratio
     baseline time / method time, with its min-max, quartiles and a `noisy` flag. Errors are measured in float64
     against `reference` when given (e.g. the float32 sequential answer of a bfloat16 run), else against the
     baseline's output. Under torchrun `batch` is the whole batch and each method runs on this rank's share."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     everyone = [baseline] + list(methods)
+    inner = {}
     for m in everyone:
         for _ in range(warmup):
             m.run()
+        t0 = clock(device)  # one more run, warm, sizes the samples
+        m.run()
+        took = clock(device) - t0
+        inner[id(m)] = int(min(1000, max(1, round(min_sample_s / max(took, 1e-9)))))
+    if distributed.world()[1] > 1:  # every rank must run the same number of times
+        for m in everyone:
+            v = torch.tensor(inner[id(m)])
+            dist.all_reduce(v, op=dist.ReduceOp.MAX)
+            inner[id(m)] = int(v)
     times = {id(m): [] for m in everyone}
     last: dict[int, tuple[Tensor, dict[str, Any]]] = {}
     for r in tqdm(range(repeats), desc=f"bench {family} batch {batch}", leave=False, disable=not progress):
         k = r % len(everyone)  # rotate the order: what runs first or after which method averages out over rounds
         for m in everyone[k:] + everyone[:k]:
-            out, cost, took = _once(m, device)
+            out, cost, took = _once(m, device, inner[id(m)])
             times[id(m)].append(took)
             last[id(m)] = (out, cost)
     last = {k: _whole(m, *last[k]) for m in everyone for k in [id(m)]}
@@ -132,7 +145,7 @@ def run(family: str, baseline: Method, methods: list[Method], *, batch: int, see
             "family": family, "method": m.name, "baseline": baseline.name, "batch": batch, "seed": seed,
             "processes": distributed.world()[1],
             "rounds": cost.get("rounds"), "nfe": cost.get("nfe"),
-            "wall_s_median": statistics.median(ts), "wall_s_min": min(ts), "wall_s": ts,
+            "wall_s_median": statistics.median(ts), "wall_s_min": min(ts), "wall_s": ts, "runs_per_sample": inner[id(m)],
             **spread([b / t for b, t in zip(base_times, ts)]),
             "max_abs_err": None if diff is None else diff.abs().max().item(),
             "rel_err": None if diff is None else (diff.norm() / ref.norm().clamp_min(1e-30)).item(),

@@ -226,7 +226,7 @@ class DiffusionPipeline(Pipeline):
                     st = self.settings(r["method"], sampler=r["sampler"], **flags)
                     log(f"  FID of {fid} images: {st.describe()}")
                     out = self.sample(list(range(seed, seed + fid)), method=r["method"],
-                                      batch_size=50 if r["method"] == "sequential" else 16, progress=False,
+                                      batch_size=50 if r["method"] == "sequential" else 16,
                                       sampler=r["sampler"], **flags)
                     fids[key] = metrics.classifier_fid(out.signed)
                 r["fid"], r["fid_n"] = fids[key], fid

@@ -117,6 +117,7 @@ def c2f_loss(model: C2F, x: Tensor, y: Tensor | None, rng: SampleRNG, tokenizer:
     return l1 + l2
 
 
-LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss, "msvq": vq_loss,
+LOSSES = {"tarflow": tarflow_loss, "classifier": classifier_loss, "denoiser": denoiser_loss, "unet": denoiser_loss,
+          "msvq": vq_loss,
           "vq": vq_loss, "var": var_loss, "raster": raster_loss,
           "c2f": c2f_loss}
