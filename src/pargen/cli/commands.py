@@ -376,6 +376,9 @@ def cmd_eval(args) -> int:
     from ..evaluation import metrics
 
     rank, _ = distributed.init()  # under torchrun the images are sampled by all ranks, scored by rank 0
+    if args.diffusers:
+        raise PargenError("eval does not sample diffusers pipelines itself: `pargen sample --diffusers DIR --npz "
+                          "s.npz`, then `pargen eval --npz s.npz`")
     result: dict = {}
     sets = [f"folder:{f}" if not f.startswith("folder:") else f for f in args.folder] + list(args.npz)
     if args.target is not None and (args.target.startswith("folder:") or args.target.endswith(".npz")):
