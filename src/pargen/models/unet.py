@@ -66,4 +66,5 @@ class UNet(nn.Module):
 
 
 register_preset("unet-tiny", "unet", UNetConfig(img_size=8, channels=(8, 16)))
-register_preset("unet-mnist", "unet", UNetConfig(img_size=32, channels=(32, 64, 96), layers_per_block=1))
+# 32x32 MNIST; (32, 64, 96) channels trained at 1.1 steps/s (batch 64) on 2 cores, this one at 2.5 (5 at batch 32)
+register_preset("unet-mnist", "unet", UNetConfig(img_size=32, channels=(16, 32, 64), layers_per_block=1))
