@@ -255,7 +255,7 @@ def overrides(args) -> dict:
     layers = None
     if getattr(args, "lowrank_layers", None) is not None:
         try:
-            layers = parse_layers(args.lowrank_layers, 0)
+            layers = parse_layers(args.lowrank_layers)
         except ValueError as e:
             raise PargenError(str(e)) from None
         layers = "all" if layers is None else layers

@@ -22,14 +22,14 @@ def pyramid(n: int) -> list[int]:
     return sorted({max(1, round(p * n / 16)) for p in VAR_SCHEDULE} | {n})
 
 
-def parse_layers(spec: str | None, depth: int) -> list[int] | None:
-    """'all' -> None (every layer), '0,2,3' -> [0, 2, 3]."""
+def parse_layers(spec: str | None) -> list[int] | None:
+    """'all' -> None (every layer), '0,2,3' -> [0, 2, 3] (the pipeline checks them against the model's depth)."""
     if spec is None or spec == "all":
         return None
     try:
         return [int(t) for t in spec.replace(",", " ").split()]
     except ValueError:
-        raise ValueError(f"--lowrank-layers takes 'all' or layer numbers like 0,2,3 (depth {depth}), not {spec!r}")
+        raise ValueError(f"--lowrank-layers takes 'all' or layer numbers like 0,2,3, not {spec!r}") from None
 
 
 @torch.no_grad()
