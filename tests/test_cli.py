@@ -192,6 +192,7 @@ def test_diffusion_auto_is_parallel_only_where_it_was_measured_to_win():
 def test_calibrate_diffusion_stores_settings_within_the_error_against_sequential(tmp_path):
     import pargen
     from pargen import checkpoint
+    from pargen.evaluation import calibrate as cal
     from pargen.pipelines import diffusion as dm
 
     out = tmp_path / "dn"
@@ -202,7 +203,7 @@ def test_calibrate_diffusion_stores_settings_within_the_error_against_sequential
                  "--max-err", "1e-3", "--batch", "1", "2"]) == 0
     assert checkpoint.read_meta(out) == before  # the record goes beside the checkpoint, not into it
     rec = json.loads(checkpoint.record_path(out, dm.CALIBRATION).read_text())["parallel"]["ddim"]
-    assert rec["window"] in dm.WINDOWS and rec["tol"] in dm.TOLS and rec["max_batch"] in (0, 1, 2)
+    assert rec["window"] in cal.WINDOWS and rec["tol"] in cal.TOLS and rec["max_batch"] in (0, 1, 2)
     pipe = pargen.load(out)  # a fresh pipeline reads the record
     st = pipe.settings("picard", steps=20)
     assert (st.window, st.tol) == (rec["window"], rec["tol"])
@@ -405,7 +406,7 @@ def test_bench_under_torchrun_shares_the_batch_and_measures_the_same_errors(tmp_
     for x, y in zip(a, b):
         assert y["max_abs_err"] == pytest.approx(x["max_abs_err"], rel=1e-3, abs=1e-5)
         assert y["rounds"] == x["rounds"] and y["nfe"] >= y["rounds"] >= 1
-        assert y["speedup"] == pytest.approx(b[0]["wall_s_median"] / y["wall_s_median"])  # reported, consistent
+        assert len(y["wall_s"]) == 1 and y["runs_per_sample"] >= 1 and "noisy" in y  # one timed sample, reported
         assert (y.get("split"), x.get("split")) == (("calls", "calls") if split == "calls" else (None, None))
     if split == "seeds":
         r = torchrun("bench", "var", "--batch", "2", "--repeats", "1")

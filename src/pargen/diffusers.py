@@ -412,9 +412,6 @@ def parallel(pipe, method: str = "picard", window: int = 8, tol: float = 1e-3, m
 # ---- local pipeline directories: loading, the call for a list of seeds, calibration and the bench
 
 RECORD = "pargen_calibration.json"  # beside the pipeline's model_index.json
-WINDOWS = (2, 4, 8, 16, 32)
-TOLS = (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # loosest first: per window, the first that meets the error
-MARGIN = 0.9  # a parallel setting must take at most this share of the sequential time (timing noise ~5-10%)
 
 
 def load_pipeline(path: str, device: str = "cpu", scheduler: str | None = None,
@@ -536,59 +533,35 @@ def calibrate(path: str, pipe, steps: int | None, guidance: float | None, max_er
     pipeline's own images on `seeds` images; the fastest at batch 1 is stored in DIR/pargen_calibration.json with
     the largest batch at which it still beats the sequential loop by more than timing noise."""
     import json
-    import statistics
-    import time
     from pathlib import Path
 
-    ss = list(range(seed, seed + seeds))
+    from .evaluation.bench import median_seconds
+    from .evaluation.calibrate import picard_setting
 
-    def timed(fn) -> float:
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
+    ss = list(range(seed, seed + seeds))
 
     def run(s, **p):
         return images(parallel(pipe, **p)(**call_args(pipe, s, labels, prompt, steps, guidance)))
 
+    def timed(s, **p) -> float:
+        return median_seconds(lambda: run(s, **p), repeats)[1]
+
+    def error(w: int, tol: float) -> tuple[float, dict[str, Any]]:
+        fast = parallel(pipe, window=w, tol=tol)
+        got = images(fast(**call_args(pipe, ss, labels, prompt, steps, guidance)))
+        return float((got - ref).abs().max()) * 2, {"rounds": fast.cost.rounds, "calls": fast.cost.calls}
+
+    def batch_seconds(B: int, w: int, tol: float) -> tuple[float, float]:
+        sb = list(range(seed, seed + B))
+        return timed(sb, method="sequential"), timed(sb, window=w, tol=tol)
+
     ref = run(ss, method="sequential")
-    seq_s = timed(lambda: run(ss[:1], method="sequential"))
+    seq_s = timed(ss[:1], method="sequential")
     log(f"{type(pipe).__name__} + {type(pipe.scheduler).__name__}: sequential {seq_s * 1e3:.0f} ms at batch 1; "
         f"max abs error allowed {max_err:g} on {seeds} seeds")
-    found = []
-    for w in WINDOWS:
-        for tol in TOLS:
-            fast = parallel(pipe, window=w, tol=tol)
-            got = images(fast(**call_args(pipe, ss, labels, prompt, steps, guidance)))
-            err = float((got - ref).abs().max()) * 2
-            if err <= max_err:
-                sec = timed(lambda: run(ss[:1], window=w, tol=tol))
-                found.append({"window": w, "tol": tol, "max_abs_err": err, "rounds": fast.cost.rounds,
-                              "calls": fast.cost.calls, "seconds": sec})
-                log(f"  window {w:3d}: tol {tol:g}, max err {err:.1e}, rounds {fast.cost.rounds} of "
-                    f"{fast.cost.calls}, {sec * 1e3:.0f} ms ({seq_s / sec:.2f}x)")
-                break
-        else:
-            log(f"  window {w:3d}: no tolerance in {TOLS} reaches {max_err:g}")
-    best = min(found, key=lambda c: c["seconds"], default=None)
-    rec: dict[str, Any] = {"max_batch": 0, "max_abs_err_target": max_err, "seeds": seeds,
-                           "sequential_s": round(seq_s, 4)}
-    if best is not None:
-        rec.update({k: best[k] for k in ("window", "tol", "max_abs_err", "rounds", "calls")},
-                   speedup=round(seq_s / best["seconds"], 3))
-        if best["seconds"] <= MARGIN * seq_s:
-            rec["max_batch"] = 1
-            for B in sorted(b for b in batches if b > 1):
-                sb = list(range(seed, seed + B))
-                s_seq = timed(lambda: run(sb, method="sequential"))
-                s_par = timed(lambda: run(sb, window=best["window"], tol=best["tol"]))
-                log(f"  batch {B}: sequential {s_seq * 1e3:.0f} ms, Picard {s_par * 1e3:.0f} ms ({s_seq / s_par:.2f}x)")
-                if s_par > MARGIN * s_seq:
-                    break
-                rec["max_batch"] = B
+    rec = {"seeds": seeds, **picard_setting(error, lambda w, tol: timed(ss[:1], window=w, tol=tol), seq_s, max_err,
+                                            batches, batch_seconds, f"calibrate {type(pipe.scheduler).__name__}",
+                                            log)}
     doc = read_record(path)
     doc[_record_key(pipe, steps, guidance)] = rec
     out = Path(path) / RECORD

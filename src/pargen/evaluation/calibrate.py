@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -33,6 +33,8 @@ SEGMENT_CHOICES = (1, 2, 4, 8, 16)
 INITS = ("z", "zero")
 TOL_FACTORS = (1, 3, 10)
 MARGIN = 0.9  # a parallel candidate must take at most this share of the sequential time: timing noise is ~5-10%
+WINDOWS = (2, 4, 8, 16, 32)  # Picard windows tried for diffusion samplers
+TOLS = (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # loosest first: per window, the first that meets the error
 
 
 @torch.inference_mode()
@@ -143,3 +145,45 @@ def load_plan(ckpt: str | Path, batch: int) -> tuple[list[flow.BlockPlan], float
         raise PargenError(f"sampling plan {p} holds no plans")
     key = min(by_batch, key=lambda b: abs(math.log(int(b)) - math.log(max(1, batch))))
     return plan_from_json(by_batch[key])
+
+
+def picard_setting(error: Callable[[int, float], tuple[float, dict[str, Any]]],
+                   seconds: Callable[[int, float], float], seq_s: float, max_err: float,
+                   batches: list[int], batch_seconds: Callable[[int, int, float], tuple[float, float]],
+                   desc: str = "calibrate", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The window Picard setting of a diffusion sampler, chosen against its sequential answer (never assumed).
+
+    Per window, the loosest tolerance whose `error(window, tol)` -> (max abs error, extras to record) stays within
+    `max_err`; the fastest of these at batch 1 (`seconds(window, tol)`, against the sequential `seq_s`) is the
+    setting, and it is used (`max_batch` >= 1) only if it beats the sequential sampler by more than timing noise;
+    `max_batch` is then the largest of `batches` up to which `batch_seconds(B, window, tol)` -> (sequential,
+    parallel) still does."""
+    from tqdm import tqdm
+
+    found = []
+    for w in tqdm(WINDOWS, desc=desc, leave=False, dynamic_ncols=True):
+        for tol in TOLS:
+            err, extra = error(w, tol)
+            if err <= max_err:
+                sec = seconds(w, tol)
+                found.append({"window": w, "tol": tol, "max_abs_err": err, **extra, "seconds": sec})
+                log(f"  window {w:3d}: tol {tol:g}, max err {err:.1e}, "
+                    + "".join(f"{k} {v}, " for k, v in extra.items()) + f"{sec * 1e3:.0f} ms ({seq_s / sec:.2f}x)")
+                break
+        else:
+            log(f"  window {w:3d}: no tolerance in {TOLS} reaches {max_err:g}")
+    rec: dict[str, Any] = {"max_batch": 0, "max_abs_err_target": max_err, "sequential_s": round(seq_s, 4)}
+    best = min(found, key=lambda c: c["seconds"], default=None)
+    if best is None:
+        return rec
+    rec.update({k: v for k, v in best.items() if k != "seconds"}, speedup=round(seq_s / best["seconds"], 3))
+    if best["seconds"] <= MARGIN * seq_s:
+        rec["max_batch"] = 1
+        for B in sorted(b for b in batches if b > 1):
+            s_seq, s_par = batch_seconds(B, best["window"], best["tol"])
+            log(f"  batch {B}: sequential {s_seq * 1e3:.0f} ms, window Picard {s_par * 1e3:.0f} ms "
+                f"({s_seq / s_par:.2f}x)")
+            if s_par > MARGIN * s_seq:
+                break
+            rec["max_batch"] = B
+    return rec

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .. import checkpoint
 from ..errors import PargenError
 from ..evaluation import bench as benchmod
+from ..evaluation.calibrate import picard_setting
 from ..evaluation import metrics
 from ..models.denoiser import alphas_cumprod
 from ..samplers import diffusion as D
@@ -22,9 +23,6 @@ from . import Pipeline, family, share_seeds
 METHODS = ("auto", "sequential", "picard", "block")
 DEFAULT_STEPS = {"ddim": 100, "ddpm": 1000, "ode": 50}  # the ODE sampler takes two model calls per step
 CALIBRATION = ".calibration.json"  # record suffix: {"parallel": {sampler: settings}}
-WINDOWS = (2, 4, 8, 16, 32)
-TOLS = (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # loosest first: per window, the first that meets the error
-MARGIN = 0.9  # the parallel sampler must take at most this share of the sequential time (timing noise ~5-10%)
 LONG = 500  # samplers of at least this many model calls show a progress bar per call
 
 
@@ -259,37 +257,17 @@ class DiffusionPipeline(Pipeline):
             seq_s = timed(seeds[:1], method="sequential")
             log(f"{name} {st.steps} steps: sequential {seq_s * 1e3:.0f} ms at batch 1; max abs error allowed "
                 f"{max_err:g} on {len(seeds)} seeds")
-            cands = []
-            for w in tqdm(WINDOWS, desc=f"calibrate {name}", leave=False, dynamic_ncols=True):
-                for tol in TOLS:
-                    res = self.solve(x_T, noise, y, st, window=w, tol=tol, anderson=0)
-                    err = float((res.x.double() - ref).abs().max())
-                    if err <= max_err:
-                        sec = timed(seeds[:1], window=w, tol=tol, anderson=0)
-                        cands.append({"window": w, "tol": tol, "max_abs_err": err, "rounds": res.rounds,
-                                      "seconds": sec})
-                        log(f"  window {w:3d}: tol {tol:g}, max err {err:.1e}, rounds {res.rounds}, "
-                            f"{sec * 1e3:.0f} ms ({seq_s / sec:.2f}x)")
-                        break
-                else:
-                    log(f"  window {w:3d}: no tolerance in {TOLS} reaches {max_err:g}")
-            best = min(cands, key=lambda c: c["seconds"], default=None)
-            rec = {"method": "picard", "anderson": 0, "max_batch": 0, "guidance": st.guidance, "steps": st.steps,
-                   "max_abs_err_target": max_err, "seeds": len(seeds), "sequential_s": round(seq_s, 4)}
-            if best is not None:
-                rec.update(window=best["window"], tol=best["tol"], max_abs_err=best["max_abs_err"],
-                           rounds=best["rounds"], speedup=round(seq_s / best["seconds"], 3))
-            if best is not None and best["seconds"] <= MARGIN * seq_s:
-                rec["max_batch"] = 1
-                for B in sorted(b for b in batches if b > 1):
-                    ss = list(range(seeds[0], seeds[0] + B))
-                    s_seq = timed(ss, method="sequential")
-                    s_par = timed(ss, window=best["window"], tol=best["tol"], anderson=0)
-                    log(f"  batch {B}: sequential {s_seq * 1e3:.0f} ms, window Picard {s_par * 1e3:.0f} ms "
-                        f"({s_seq / s_par:.2f}x)")
-                    if s_par > MARGIN * s_seq:
-                        break
-                    rec["max_batch"] = B
+            def error(w: int, tol: float) -> tuple[float, dict[str, Any]]:
+                res = self.solve(x_T, noise, y, st, window=w, tol=tol, anderson=0)
+                return float((res.x.double() - ref).abs().max()), {"rounds": res.rounds}
+
+            def batch_seconds(B: int, w: int, tol: float) -> tuple[float, float]:
+                ss = list(range(seeds[0], seeds[0] + B))
+                return timed(ss, method="sequential"), timed(ss, window=w, tol=tol, anderson=0)
+
+            rec = {"method": "picard", "anderson": 0, "guidance": st.guidance, "steps": st.steps, "seeds": len(seeds),
+                   **picard_setting(error, lambda w, tol: timed(seeds[:1], window=w, tol=tol, anderson=0), seq_s,
+                                    max_err, batches, batch_seconds, f"calibrate {name}", log)}
             log(f"  -> {name}: " + (f"window {rec['window']}, tol {rec['tol']:g}, up to batch {rec['max_batch']}"
                                     if rec["max_batch"] else "sequential at every batch size"))
             found[name] = rec
