@@ -19,7 +19,10 @@ SPEED = [("bench_tarflow.json", "TarFlow `tarflow-mnist`"), ("bench_diffusion.js
          ("bench_diffusion_lite_ddpm.json", "diffusion `denoiser-mnist-lite`"),
          ("bench_diffusion_lite_ddpm_interleaved.json", "diffusion `denoiser-mnist-lite`, re-measured interleaved"),
          ("bench_var.json", "VAR `var-mnist` / raster AR `raster-mnist`"),
-         ("bench_ctf_speed.json", "raster AR `raster-mnist` / CTF `c2f-mnist`")]  # `bench ctf` without --fid
+         ("bench_ctf_speed.json", "raster AR `raster-mnist` / CTF `c2f-mnist`"),  # `bench ctf` without --fid
+         ("bench_unet_mnist_dpmpp20.json", "diffusers `unet-mnist`"),
+         ("bench_unet_mnist_euler50.json", "diffusers `unet-mnist`"),
+         ("bench_llamagen_b.json", "LlamaGen GPT-B (random weights, 256 tokens only)")]
 
 
 SAME = 2e-3  # max abs error (images on [-1, 1]) within which a method counts as giving the baseline's output
@@ -57,7 +60,8 @@ def speed_rows(records: list[dict], model: str, source: str) -> list[str]:
                     "(pair ratios too far apart); re-run the bench on a quiet one")
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r.get("sampler"), r.get("steps"), r["batch"], r["baseline"]), []).append(r)
+        groups.setdefault((r.get("sampler") or r.get("scheduler"), r.get("steps"), r["batch"], r["baseline"]),
+                          []).append(r)
     rows = []
     for (sampler, steps, batch, base_name), rs in groups.items():
         base = next(r for r in rs if r["method"] == base_name)

@@ -69,7 +69,7 @@ def test_members_table_and_draw_among_members_follow_the_masked_softmax(setup):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 1, model.config.vocab_size, generator=g).mul(2).expand(40_000, 1, -1)
     cand = table[3].expand(40_000, 1, -1)
-    draws = AR.pick_among(logits, cand, AR.gumbel_noise(40_000, 1, table.shape[1], g), 1.0)[:, 0]
+    draws = AR.pick_among(logits, cand, AR.exponential_noise(40_000, 1, table.shape[1], g), 1.0)[:, 0]
     want = logits[0, 0].masked_fill(model.assign != 3, -torch.inf).softmax(-1)
     freq = torch.bincount(draws, minlength=model.config.vocab_size).double() / len(draws)
     assert freq[model.assign != 3].sum() == 0  # only members are drawn ...

@@ -166,6 +166,7 @@ def test_train_a_unet_export_it_as_a_pipeline_and_sample_it_in_parallel(tmp_path
     pipe = DDPMPipeline.from_pretrained(str(d), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     assert next(pipe.unet.parameters()).dtype == torch.float32 and pipe.scheduler.config.clip_sample is False
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # what the unet presets regress
     # pargen's training schedule is the exported scheduler's
     from pargen.models.denoiser import alphas_cumprod
 
@@ -173,3 +174,28 @@ def test_train_a_unet_export_it_as_a_pipeline_and_sample_it_in_parallel(tmp_path
     fast = PD.parallel(pipe, window=8, tol=0)
     ref, got = _run(pipe, fast, batch_size=2, num_inference_steps=20)
     assert np.abs(got - ref).max() <= EXACT and fast.cost.calls == 20
+
+
+def test_unet_loss_regresses_v_or_epsilon():
+    """The v-prediction target sqrt(ab) eps - sqrt(1 - ab) x0 (the epsilon one for `prediction=epsilon`)."""
+    from pargen import registry
+    from pargen.rng import SampleRNG
+    from pargen.training.losses import denoiser_loss
+
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    for pred in ("v_prediction", "epsilon"):
+        model = registry.create("unet-tiny", prediction=pred)
+        seen = {}
+
+        def spy(xt, t, y, m=model):
+            seen["xt"], seen["t"] = xt, t
+            return torch.zeros_like(xt)
+
+        model.forward = spy
+        loss = denoiser_loss(model, x, None, SampleRNG([0, 1, 2]))
+        ab = model.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
+        eps = (seen["xt"] - ab.sqrt() * x) / (1 - ab).sqrt()
+        target = eps if pred == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * x
+        assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="prediction"):
+        registry.create("unet-tiny", prediction="sample")

@@ -52,16 +52,21 @@ def test_vq_training_lowers_the_loss_with_dead_code_restart():
     assert used > 32, used  # more than half of the 64 codes
 
 
-def test_class_token_is_not_rotated_and_rope_is_a_rotation(model):
+def test_class_token_rope_row_and_rope_is_a_rotation(model):
+    from pargen.models.raster_ar import rope_2d
+
     rope = model.rope
     assert rope.shape == (17, 8, 2)  # class token + 4x4 grid; head_dim 32 / 2 heads = 16: 8 pairs
-    assert torch.equal(rope[0, :, 0], torch.ones(8)) and torch.equal(rope[0, :, 1], torch.zeros(8))
+    assert torch.equal(rope[0], torch.zeros(8, 2))  # LlamaGen's table: the class token's q and k vanish
+    ident = rope_2d(4, 16, 10000.0, "identity")
+    assert torch.equal(ident[0, :, 0], torch.ones(8)) and torch.equal(ident[0, :, 1], torch.zeros(8))
+    assert torch.equal(ident[1:], rope[1:])
     assert torch.equal(rope[1:5, :4, 0], torch.ones(4, 4))  # grid row 0: the row pairs do not rotate
     assert torch.equal(rope[1:17:4, 4:, 0], torch.ones(4, 4))  # grid column 0: the column pairs do not rotate
     assert not torch.equal(rope[2, 4:, 0], torch.ones(4))
     x = torch.randn(2, 2, 17, 16)
     from pargen.models.raster_ar import apply_rope
-    assert torch.allclose(apply_rope(x, rope).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(apply_rope(x, ident).norm(dim=-1), x.norm(dim=-1), atol=1e-5)
 
 
 def test_logits_are_causal(model):
@@ -116,7 +121,7 @@ def test_tokens_follow_the_model_distribution(model, vq):
     with torch.no_grad():
         p = (model.run(model.embed(lab[:1], None))[0, -1] / 0.7).softmax(-1)
         op = AR.RasterOperator(model, lab, 1.0, 0.7, 0, 0.0,
-                               AR.gumbel_noise(4000, 16, 64, torch.Generator().manual_seed(0)))
+                               AR.exponential_noise(4000, 16, 64, torch.Generator().manual_seed(0)))
         toks = op(torch.zeros(4000, 16, dtype=torch.long), 0, 1)[:, 0]
     freq = toks.bincount(minlength=64).double() / len(toks)
     assert (freq - p.double()).abs().max() < 0.03

@@ -32,6 +32,53 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
         assert torch.equal(p, q), n
 
 
+def test_ctrl_c_saves_the_steps_done_and_stale_temp_files_are_cleaned(tmp_path):
+    ds = data.load("digits")
+    cfg = TrainConfig(steps=12, batch_size=8, lr=3e-3, warmup=3, ckpt_every=100)
+    calls = []
+
+    def interrupted(model, x, y, rng):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # during step 4, before any --ckpt-every save
+        return tarflow_loss(model, x, y, rng)
+
+    out = tmp_path / "run"
+    stale = tmp_path / ".run.safetensors.abc123.tmp"  # what a killed atomic write leaves
+    stale.write_bytes(b"half")
+    try:
+        train(tiny_flow(), ds, interrupted, cfg, out=out, progress=False)
+        raise AssertionError("the interrupt was swallowed")
+    except KeyboardInterrupt:
+        pass
+    assert not stale.exists()
+    assert checkpoint.read_meta(out)["step"] == 3 and checkpoint.load_state_file(out)["step"] == 3
+    resumed = train(tiny_flow(), ds, tarflow_loss, cfg, out=out, resume=True, progress=False)
+    full = train(tiny_flow(), ds, tarflow_loss, cfg, progress=False)
+    assert resumed.losses == full.losses  # the three saved steps plus nine more: the uninterrupted run
+
+
+def test_train_refuses_to_overwrite_or_to_resume_another_run(tmp_path):
+    from pargen.cli.main import main
+
+    out = tmp_path / "run"
+    common = ["--steps", "2", "--batch-size", "4", "--out", str(out)]
+    assert main(["train", "tarflow-tiny", "--data", "digits", *common]) == 0
+    before = (tmp_path / "run.safetensors").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "pargen", "train", "tarflow-tiny", "--data", "digits", *common],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already holds a checkpoint" in r.stderr and "Traceback" not in r.stderr
+    for extra, msg in ((["--data", "mnist", "--size", "8"], "data 'digits' -> 'mnist'"),
+                       (["--data", "digits", "--set", "num_blocks=3"], "config num_blocks 2 -> 3")):
+        r = subprocess.run([sys.executable, "-m", "pargen", "train", "tarflow-tiny", *extra, *common, "--resume"],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "pargen", "train", "tarflow-tiny", "--data", "digits", "--steps", "2",
+                        "--batch-size", "100000", "--out", str(tmp_path / "other")], capture_output=True, text=True)
+    assert r.returncode == 2 and "larger than the" in r.stderr
+    assert (tmp_path / "run.safetensors").read_bytes() == before  # nothing was overwritten
+
+
 def test_losses_fall_and_batches_do_not_depend_on_batch_position(tmp_path):
     ds = data.load("digits")
     res = train(tiny_flow(), ds, tarflow_loss, TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5,

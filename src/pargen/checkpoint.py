@@ -35,6 +35,25 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def clean_stale_tmp(path: str | os.PathLike) -> list[Path]:
+    """Delete the temp files a killed `atomic_write` of this checkpoint left behind; returns what was removed."""
+    s = stem(path)
+    if not s.parent.is_dir():
+        return []
+    gone = []
+    for suffix in (".safetensors", ".json", ".state.pt"):
+        for tmp in s.parent.glob(f".{s.name}{suffix}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint (weights, description or training state) is already at this path."""
+    s = stem(path)
+    return any(s.with_name(s.name + x).exists() for x in (".safetensors", ".json", ".state.pt"))
+
+
 def stem(path: str | os.PathLike) -> Path:
     """`runs/x`, `runs/x.json` and `runs/x.safetensors` all name the checkpoint `runs/x`."""
     p = Path(path)

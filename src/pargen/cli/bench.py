@@ -12,9 +12,9 @@ from ..evaluation import bench as benchmod
 from ..evaluation.bench import write_json
 
 DEFAULT = {"tarflow": "tarflow-mnist", "diffusion": "denoiser-mnist", "var": "var-mnist",
-           "lowrank": "var-mnist-lowrank", "ctf": "c2f-mnist"}
+           "lowrank": "var-mnist-lowrank", "ctf": "c2f-mnist", "raster": "raster-mnist"}
 FAMILY = {"tarflow": ("tarflow",), "diffusion": ("denoiser",), "var": ("var",), "lowrank": ("var",),
-          "ctf": ("c2f", "raster")}
+          "ctf": ("c2f", "raster"), "raster": ("raster",)}
 
 
 def _open(args) -> pipelines.Pipeline:
@@ -62,6 +62,12 @@ def cmd_bench(args) -> int:
             pipe.plot_convergence(args.plot, args.seed, sampler=args.samplers[0],
                                   **{k: v for k, v in flags.items() if v is not None})
             print_(f"plot written to {args.plot}")
+    elif args.family == "raster":
+        c = pipe.model.config
+        print_(f"raster AR: depth {c.depth}, width {c.width}, {c.tokens} tokens of {c.vocab_size}, cfg "
+               f"{args.cfg if args.cfg is not None else pipe.settings().cfg:g}")
+        records = pipe.bench(args.batch, args.repeats, args.seed, window=args.jacobi_window, cfg=args.cfg,
+                             progress=True)
     elif args.family == "var":
         records = pipe.bench(args.batch, args.repeats, cfg=args.cfg, seed=args.seed,
                              raster=None if args.raster == "none" else args.raster, fid=args.fid, progress=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import shlex
 from pathlib import Path
 
@@ -126,10 +127,12 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                        description="Runs the baseline and the fast samplers in one process on the same model and "
                                    "noise (warm-up, then --repeats timed runs) and reports rounds, model evaluations, "
                                    "wall medians, speed-up and error against the baseline.")
-    b.add_argument("family", choices=["tarflow", "diffusion", "var", "lowrank", "ctf"],
+    b.add_argument("family", choices=["tarflow", "diffusion", "var", "lowrank", "ctf", "raster"],
                    help="model family; lowrank: exact vs polynomial attention for VAR (scaling over synthetic "
                         "pyramids, then error and FID on the bundled capped-scale model); ctf: coarse-to-fine "
-                        "against the raster AR baseline (--checkpoint c2f, --raster baseline)")
+                        "against the raster AR baseline (--checkpoint c2f, --raster baseline); raster: a raster "
+                        "AR model (bundled or `pargen convert llamagen`) decoded sequentially vs by Jacobi and "
+                        "speculative Jacobi decoding")
     b.add_argument("--checkpoint", default=None, help="default: the bundled model of the family")
     b.add_argument("--batch", type=positive_int, nargs="+", default=[1, 16])
     b.add_argument("--repeats", type=positive_int, default=5)
@@ -218,14 +221,22 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     c.add_argument("--seed", type=int, default=1000)
     c.add_argument("--plot", default=None, help="tarflow: residual-vs-iteration plot PNG")
 
-    v = sub.add_parser("convert", help="convert official checkpoints (apple/ml-tarflow, FoundationVision/VAR)",
+    v = sub.add_parser("convert", help="convert official checkpoints (apple/ml-tarflow, FoundationVision/VAR, "
+                                       "FoundationVision/LlamaGen)",
                        description="tarflow: an ml-tarflow .pth -> one pargen checkpoint. var: var_d*.pth plus its "
                                    "VAE (vae_ch160v4096z32.pth) -> OUT (the transformer) and OUT-vae (the "
-                                   "tokenizer), configurations read off the state-dict shapes; loaded with "
-                                   "torch.load(weights_only=True).")
-    v.add_argument("family", choices=["tarflow", "var"])
-    v.add_argument("source", help="official .pth state dict")
+                                   "tokenizer). llamagen: a c2i GPT (c2i_B_256.pt ...) and optionally its VQ "
+                                   "(vq_ds16_c2i.pt) -> OUT and OUT-vq. Configurations are read off the "
+                                   "state-dict shapes; files are read with torch.load(weights_only=True), so no "
+                                   "pickled code runs.")
+    v.add_argument("family", choices=["tarflow", "var", "llamagen"])
+    v.add_argument("source", help="official state dict (.pth / .pt)")
+    v.add_argument("vq", nargs="?", default=None, help="llamagen: the official VQ tokenizer .pt (needed to sample)")
     v.add_argument("--out", required=True)
+    v.add_argument("--image-size", type=positive_int, default=256,
+                   help="llamagen: the resolution the GPT was trained at (256 or 384: 16x16 or 24x24 tokens)")
+    v.add_argument("--heads", type=positive_int, default=None,
+                   help="llamagen: attention heads (default: LlamaGen's for the preset of that width and depth)")
     v.add_argument("--vae", default=None, help="var: the official VAE .pth")
     v.add_argument("--patch-nums", type=positive_int, nargs="+", default=None,
                    help="var: the VAE's scales (default: read off the transformer)")
@@ -487,6 +498,29 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    if args.vq and args.family != "llamagen":
+        raise PargenError(f"convert {args.family} takes one file (a second one is the VQ of convert llamagen)")
+    if args.family == "llamagen":
+        from ..convert.llamagen import load_gpt, load_vq
+
+        vq = load_vq(args.vq, args.image_size) if args.vq else None
+        stride = 16 if vq is None else 2 ** (len(vq.config.ch_mult) - 1)
+        gpt = load_gpt(args.source, args.image_size, args.heads, stride)
+        meta = {"converted_from": Path(args.source).name, "size": args.image_size}
+        if vq is not None:
+            if vq.config.vocab_size != gpt.config.vocab_size:
+                raise PargenError(f"{args.vq} has {vq.config.vocab_size} codes, {args.source} predicts "
+                                  f"{gpt.config.vocab_size}")
+            meta["tokenizer"] = str(checkpoint.save(f"{checkpoint.stem(args.out)}-vq", vq,
+                                                    {"converted_from": Path(args.vq).name}))
+        out = checkpoint.save(args.out, gpt, meta)
+        c = gpt.config
+        kv = f" ({c.kv} key/value heads)" if c.kv_heads else ""
+        print(f"converted {args.source}: depth {c.depth}, width {c.width}, {c.heads} heads{kv}, {c.num_classes} "
+              f"classes, {c.grid}x{c.grid} tokens of {c.vocab_size} -> {out}"
+              + (f"; tokenizer {args.vq} -> {meta['tokenizer']}" if vq is not None else
+                 " (no tokenizer given: sampling needs one, convert again with the VQ .pt)"))
+        return 0
     if args.family == "var":
         from ..convert.var import load_vae, load_var
 
@@ -536,14 +570,38 @@ def _check_data_fits(cfg, ds: data.ImageData) -> None:
                              f"has labels up to {int(ds.labels.max())}"))
 
 
+def _check_resume(args, family: str, cfg) -> None:
+    """--resume continues the same run: the same preset, data, size and model config (steps and lr may change)."""
+    from ..config import to_dict
+
+    old = checkpoint.read_meta(args.out)
+    want = {"family": family, "preset": args.model, "data": args.data, "size": args.size}
+    diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in want.items() if old.get(k) != v]
+    new_cfg = json.loads(json.dumps(to_dict(cfg)))
+    diff += [f"config {k} {old['config'].get(k)!r} -> {v!r}" for k, v in new_cfg.items() if old["config"].get(k) != v]
+    if diff:
+        raise PargenError(f"--resume {checkpoint.stem(args.out)} was trained with other settings: " + "; ".join(diff))
+    changed = {k: (old.get("train", {}).get(k), getattr(args, k)) for k in ("steps", "lr", "batch_size")
+               if old.get("train", {}).get(k) not in (None, getattr(args, k))}
+    for k, (a, b) in changed.items():
+        print(f"resume: {k} changed from {a} to {b}")
+
+
 def cmd_train(args) -> int:
     from ..evaluation import metrics
     from ..training.loop import TrainConfig, train
     from ..training.losses import LOSSES
 
     family, cfg = registry.preset_config(args.model, args.set)
+    if not args.resume and checkpoint.exists(args.out):
+        raise PargenError(f"{checkpoint.stem(args.out)} already holds a checkpoint; pass --resume to continue it "
+                          "or choose another --out (nothing was overwritten)")
+    if args.resume:
+        _check_resume(args, family, cfg)
     ds = data.load(args.data, "train", args.size)
     _check_data_fits(cfg, ds)
+    if args.batch_size > len(ds):
+        raise PargenError(f"--batch-size {args.batch_size} is larger than the {len(ds)} training images of {ds.name}")
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        schedule=args.schedule, ema=args.ema, seed=args.seed, ckpt_every=args.ckpt_every)
     torch.manual_seed(args.seed)  # initial weights (the CLI owns global state; the library never seeds)

@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import load_state
 from ..errors import PargenError
+from . import read_state
 from ..models.tarflow import TarFlow, TarFlowConfig
 
 
@@ -62,13 +63,5 @@ def from_state_dict(state: dict[str, torch.Tensor], in_channels: int = 3, noise_
 
 def load_official(path: str | Path, in_channels: int = 3, noise_std: float = 0.05) -> TarFlow:
     """Read an official ml-tarflow `.pth` (e.g. `afhq_model_8_768_8_8_0.07.pth`) safely."""
-    path = Path(path)
-    if not path.exists():
-        raise PargenError(f"{path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise PargenError(f"{path} is not a readable torch state dict: {e}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    state = read_state(path, "TarFlow state dict")
     return from_state_dict(state, in_channels, noise_std, str(path))

@@ -9,24 +9,11 @@ from typing import Any
 import torch
 
 from ..errors import PargenError
+from . import read_state
 from ..models.var import VAR, VARConfig
 from ..tokenizers.msvq import MSVQConfig, MSVQVAE
 
 VAR_PATCH_NUMS = {10: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)}  # the 256-px release
-
-
-def _state(src: str | os.PathLike | dict[str, Any]) -> dict[str, torch.Tensor]:
-    if isinstance(src, dict):
-        return src
-    try:
-        sd = torch.load(src, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PargenError(f"no such file: {src}") from None
-    except Exception as e:  # pickles that need code, truncated files
-        raise PargenError(f"{src} is not a loadable state dict ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict):
-        raise PargenError(f"{src} holds a {type(sd).__name__}, not a state dict")
-    return sd
 
 
 def vae_config(sd: dict[str, torch.Tensor], patch_nums: tuple[int, ...] | None = None) -> MSVQConfig:
@@ -57,7 +44,7 @@ def vae_config(sd: dict[str, torch.Tensor], patch_nums: tuple[int, ...] | None =
 
 def load_vae(src: str | os.PathLike | dict[str, Any], patch_nums: tuple[int, ...] | None = None) -> MSVQVAE:
     """An official VAR VAE (path or state dict) as an `MSVQVAE`, strictly: every key and shape must match."""
-    sd = _state(src)
+    sd = read_state(src, "VAR VAE state dict")
     model = MSVQVAE(vae_config(sd, patch_nums))
     try:
         model.load_state_dict(sd, strict=True)
@@ -88,7 +75,7 @@ def var_config(sd: dict[str, torch.Tensor]) -> VARConfig:
 
 def load_var(src: str | os.PathLike | dict[str, Any]) -> VAR:
     """An official VAR transformer (path or state dict), strictly."""
-    sd = _state(src)
+    sd = read_state(src, "VAR state dict")
     model = VAR(var_config(sd))
     try:
         model.load_state_dict(sd, strict=True)

@@ -34,7 +34,7 @@ INITS = ("z", "zero")
 TOL_FACTORS = (1, 3, 10)
 MARGIN = 0.9  # a parallel candidate must take at most this share of the sequential time: timing noise is ~5-10%
 WINDOWS = (2, 4, 8, 16, 32)  # Picard windows tried for diffusion samplers
-TOLS = (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4)  # loosest first: per window, the first that meets the error
+TOLS = (0.1, 0.03, 0.01, 0.003, 0.001, 3e-4, 1e-4, 3e-5, 1e-5)  # loosest first: per window, the first within the error
 
 
 @torch.inference_mode()

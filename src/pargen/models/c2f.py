@@ -1,7 +1,7 @@
 """Coarse-to-fine token prediction (CTF, Guo, Zhang, Shieh, arXiv 2503.16194) over a single-scale tokenizer.
 
 The codebook's V codes are clustered into K coarse labels (`tokenizers/cluster.py`, stored in the `assign`
-buffer). Stage 1 is the raster AR model (`RasterAR`, LlamaGen-style) over the K coarse labels; stage 2, the
+buffer). Stage 1 is the raster AR model (`RasterAR`, LlamaGen's layout) over the K coarse labels; stage 2, the
 auxiliary model, reads the class token and every coarse label with bidirectional attention (the same blocks and 2D
 rotary positions) and predicts all fine labels in one pass. Both train from the same batches with teacher forcing
 (stage 2 sees the true coarse labels); sampling runs stage 1 token by token (or by Jacobi decoding), then stage 2
@@ -32,16 +32,21 @@ class C2FConfig:
     aux_width: int = 128
     aux_heads: int = 4
     num_classes: int = 10
+    ffn_multiple: int = 32  # both stages are LlamaGen blocks (`RasterAR`); LlamaGen's own models use 256
+    class_rope: str = "zero"
+
+    def _shared(self) -> dict:
+        return dict(grid=self.grid, num_classes=self.num_classes, ffn_multiple=self.ffn_multiple,
+                    class_rope=self.class_rope)
 
     def stage1(self) -> RasterARConfig:
-        return RasterARConfig(vocab_size=self.coarse, grid=self.grid, depth=self.depth, width=self.width,
-                              heads=self.heads, num_classes=self.num_classes)
+        return RasterARConfig(vocab_size=self.coarse, depth=self.depth, width=self.width, heads=self.heads,
+                              **self._shared())
 
     def stage2(self) -> RasterARConfig:
         """Bidirectional: reads [class, coarse_0 .. coarse_{N-1}], predicts fine labels at positions 1..N."""
-        return RasterARConfig(vocab_size=self.vocab_size, in_vocab=self.coarse, causal=False, grid=self.grid,
-                              depth=self.aux_depth, width=self.aux_width, heads=self.aux_heads,
-                              num_classes=self.num_classes)
+        return RasterARConfig(vocab_size=self.vocab_size, in_vocab=self.coarse, causal=False, depth=self.aux_depth,
+                              width=self.aux_width, heads=self.aux_heads, **self._shared())
 
 
 @register_family("c2f")
@@ -91,4 +96,4 @@ class C2F(nn.Module):
 
 register_preset("c2f-tiny", "c2f", C2FConfig(vocab_size=64, coarse=8, grid=4, depth=2, width=32, heads=2,
                                              aux_depth=1, aux_width=32, aux_heads=2))
-register_preset("c2f-mnist", "c2f", C2FConfig())  # on vq-mnist, stage 1 the shape of raster-mnist
+register_preset("c2f-mnist", "c2f", C2FConfig(class_rope="identity"))  # on vq-mnist, stage 1 as raster-mnist

@@ -1,4 +1,4 @@
-"""A diffusers `UNet2DModel` trained by pargen (epsilon loss on the linear VP schedule, the same as
+"""A diffusers `UNet2DModel` trained by pargen (v-prediction or epsilon loss on the linear VP schedule of
 `DDPMScheduler`'s default) and exported as a local diffusers pipeline directory (`DDPMPipeline`, `save_pretrained`),
 so that `pargen.diffusers` has a trained model to converge on. diffusers is imported only when one is built."""
 from __future__ import annotations
@@ -23,6 +23,7 @@ class UNetConfig:
     num_classes: int = 0  # 0: unconditional (diffusers' DDPMPipeline takes no labels)
     schedule: str = "linear"
     train_steps: int = 1000
+    prediction: str = "v_prediction"  # or "epsilon"; the exported scheduler's prediction_type
 
 
 @register_family("unet")
@@ -37,6 +38,8 @@ class UNet(nn.Module):
             raise ValueError("the unet family needs diffusers: pip install -e '.[diffusers]'") from e
         if cfg.num_classes:
             raise ValueError("the unet family is unconditional (DDPMPipeline takes no class labels)")
+        if cfg.prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction must be 'epsilon' or 'v_prediction', got {cfg.prediction!r}")
         n = len(cfg.channels)
         down = ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D" if cfg.attention else "DownBlock2D"]
         up = ["AttnUpBlock2D" if cfg.attention else "UpBlock2D"] + ["UpBlock2D"] * (n - 1)
@@ -60,7 +63,8 @@ class UNet(nn.Module):
             raise ValueError("only the linear schedule has a DDPMScheduler twin")
         net = copy.deepcopy(self.net).to(torch.float16)
         sched = DDPMScheduler(num_train_timesteps=self.config.train_steps, beta_schedule="linear",
-                              beta_start=1e-4, beta_end=0.02, clip_sample=False)
+                              beta_start=1e-4, beta_end=0.02, clip_sample=False,
+                              prediction_type=self.config.prediction)
         DDPMPipeline(unet=net, scheduler=sched).save_pretrained(str(folder), safe_serialization=True)
         return Path(folder)
 

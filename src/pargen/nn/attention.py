@@ -40,15 +40,22 @@ class KVCache:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cache: KVCache | None, layer: int, scale: float,
            causal: bool = True) -> Tensor:
-    """Attention of q (B, H, n, Dh) over the cache plus the n new keys/values; causal among the new ones."""
+    """Attention of q (B, H, n, Dh) over the cache plus the n new keys/values (B, H_kv, n, Dh); causal among the
+    new ones. With fewer key/value heads than query heads (grouped-query attention) each serves H / H_kv
+    consecutive query heads; the cache holds the H_kv heads only."""
     n = q.shape[2]
+    rep = q.shape[1] // k.shape[1]
     if cache is None:
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and n > 1, scale=scale)
     start = cache.length
     cache.k[layer, :, :, start: start + n] = k
     cache.v[layer, :, :, start: start + n] = v
     k_all = cache.k[layer, :, :, : start + n]
     v_all = cache.v[layer, :, :, : start + n]
+    if rep > 1:
+        k_all, v_all = k_all.repeat_interleave(rep, 1), v_all.repeat_interleave(rep, 1)
     mask = None
     if causal and n > 1:
         # query i (absolute position start + i) sees keys j <= start + i

@@ -57,7 +57,9 @@ class VARPipeline(Pipeline):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.tokenizer = tokenizer_for(self.meta.get("tokenizer"), self.model.config, self.device, self.dtype)
+        # a converted GPT without its VQ still decodes tokens (bench raster times them); images need the VQ
+        self.tokenizer = tokenizer_for(self.meta["tokenizer"], self.model.config, self.device, self.dtype) \
+            if self.meta.get("tokenizer") or self.ctf else None
 
     def settings(self, method: str = "auto", batch: int = 1, cfg: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, kv_cache: bool | None = None, lowrank_layers=None,
@@ -186,7 +188,9 @@ class RasterPipeline(Pipeline):
         self.ctf = self.family == "c2f"
         self.options = ("cfg", "temperature", "top_k", "top_p", "window") + (
             ("aux_temperature", "mask_to_cluster") if self.ctf else ())
-        self.tokenizer = tokenizer_for(self.meta.get("tokenizer"), self.model.config, self.device, self.dtype)
+        # a converted GPT without its VQ still decodes tokens (bench raster times them); images need the VQ
+        self.tokenizer = tokenizer_for(self.meta["tokenizer"], self.model.config, self.device, self.dtype) \
+            if self.meta.get("tokenizer") or self.ctf else None
 
     def settings(self, method: str = "auto", batch: int = 1, cfg: float | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -218,10 +222,15 @@ class RasterPipeline(Pipeline):
                               mask_to_cluster=st.mask_to_cluster, **kw)
         else:
             r = AR.sample_raster(self.model, self.tokenizer, labels, **kw)
-        return r.img, {"rounds": r.rounds, "nfe": r.nfe, "tokens_per_call": r.tokens_per_call}
+        # without a tokenizer: the tokens (bench compares them; the decode would cost every method the same)
+        return r.img if r.img is not None else r.tokens.float(), {"rounds": r.rounds, "nfe": r.nfe,
+                                                                   "tokens_per_call": r.tokens_per_call}
 
     def run(self, seeds: list[int], labels: Tensor | None, st: RasterSettings, progress: bool | None = None
             ) -> tuple[Tensor, dict[str, Any]]:
+        if self.tokenizer is None:
+            raise PargenError(f"{self.name} has no tokenizer to decode images with (convert it with its VQ: "
+                              "pargen convert llamagen GPT.pt VQ.pt --out DIR); bench raster times its tokens")
         if st.method != "sjd":
             return self.draw(labels, SampleRNG(seeds, self.device), st)
         # speculative Jacobi decoding draws a batch-dependent number of random numbers: one image per call
@@ -241,8 +250,8 @@ class RasterPipeline(Pipeline):
                                  else self.generator(seeds[0]), st)
 
     def bench(self, batches: list[int] = (1, 16), repeats: int = 5, seed: int = 0, raster: str = "raster-mnist",
-              window: int | None = None, progress: bool = False, log: Callable[[str], None] = print
-              ) -> list[dict[str, Any]]:
+              window: int | None = None, cfg: float | None = None, progress: bool = False,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
         """CTF against its raster baseline on the same tokenizer: raster sequential vs its Jacobi and speculative
         Jacobi decoding and vs CTF (another model), then CTF sequential vs CTF with a Jacobi / speculatively
         decoded stage 1; interleaved. A raster checkpoint is benched against itself only."""
@@ -259,14 +268,14 @@ class RasterPipeline(Pipeline):
             y = self.labels(seeds)
 
             def m(name: str, pipe: RasterPipeline, how: str, compare: bool = True) -> benchmod.Method:
-                return benchmod.Method(name, pipe.runner(seeds, y, how, window=window), compare=compare)
+                return benchmod.Method(name, pipe.runner(seeds, y, how, window=window, cfg=cfg), compare=compare)
 
             # Jacobi decoding gives the same images; speculative Jacobi decoding other draws from the distribution
             others = [m("raster-ar-jacobi", base, "jacobi"), m("raster-ar-sjd", base, "sjd", compare=False)]
             if self.ctf:
                 others.append(m("ctf", self, "sequential", compare=False))
-            records += benchmod.run("ctf", m("raster-ar", base, "sequential"), others, batch=B, seed=seed,
-                                    repeats=repeats, device=self.device, progress=progress)
+            records += benchmod.run("ctf" if self.ctf else "raster", m("raster-ar", base, "sequential"), others,
+                                    batch=B, seed=seed, repeats=repeats, device=self.device, progress=progress)
             if self.ctf:
                 records += benchmod.run("ctf", m("ctf", self, "sequential"),
                                         [m("ctf-jacobi", self, "jacobi"), m("ctf-sjd", self, "sjd", compare=False)],

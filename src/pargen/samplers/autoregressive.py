@@ -4,10 +4,12 @@
   "more smooth" Gumbel variant; random numbers are drawn in the reference's order (label draw, then per scale the
   token draw and, if smooth, the Gumbel noise), so a seeded generator reproduces FoundationVision/VAR's
   `autoregressive_infer_cfg` token for token.
-- Raster-order next-token sampling (`sample_raster`) for `RasterAR`, LlamaGen's guidance
-  (uncond + s (cond - uncond)), temperature, top-k / top-p, Gumbel-max draws from noise fixed up front, so
-  sequential decoding (one call per token) and Jacobi decoding on the fixed-point engine give the same tokens;
-  speculative Jacobi decoding (random acceptance) gives other tokens from the same distribution.
+- Raster-order next-token sampling (`sample_raster`) for `RasterAR` as LlamaGen's `generate`: guidance
+  uncond + (cond - uncond) s when s > 1 (optionally for the first tokens only, `cfg_interval`), temperature,
+  top-k / top-p, and each token drawn as argmax(p / E) with exponential noise E fixed up front — what
+  `torch.multinomial(p, 1)` computes, in the official draw order, so a seeded generator gives the official tokens
+  and generator state. Sequential decoding (one call per token) and Jacobi decoding on the fixed-point engine
+  give the same tokens; speculative Jacobi decoding (random acceptance) other tokens from the same distribution.
 - Coarse-to-fine sampling (`sample_c2f`): the raster sampler over coarse labels, then one pass for the fine ones.
 """
 from __future__ import annotations
@@ -30,16 +32,26 @@ from . import fixed_point
 from .fixed_point import FixedPointResult
 
 
-def top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
-    """Mask (to -inf) all but the top_k logits and the smallest set holding top_p of the probability."""
+def top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 0.0, nucleus: str = "var") -> Tensor:
+    """Mask (to -inf) all but the top_k logits (ties with the k-th survive) and the smallest set holding top_p
+    of the probability (0 or >= 1: off). `nucleus` picks the reference's arithmetic: "var" sums the sorted
+    probabilities from the smallest and drops while <= 1 - p; "llamagen" (HF's filter) sums from the largest and
+    drops past p, shifted by one. They differ only by rounding at the boundary."""
     logits = logits.clone()
+    V = logits.shape[-1]
     if top_k > 0:
-        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        kth = logits.topk(min(top_k, V), dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
         logits.masked_fill_(logits < kth, -torch.inf)
-    if top_p > 0:
-        sorted_logits, order = logits.sort(dim=-1, descending=False)
-        drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        drop[..., -1:] = False  # always keep the most likely token
+    if 0 < top_p < 1:
+        if nucleus == "var":
+            sorted_logits, order = logits.sort(dim=-1, descending=False)
+            drop = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+            drop[..., -1:] = False  # always keep the most likely token
+        else:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            past = sorted_logits.softmax(dim=-1).cumsum(dim=-1) > top_p
+            drop = torch.zeros_like(past)
+            drop[..., 1:] = past[..., :-1]  # keep the first token past p (and always the top one)
         logits.masked_fill_(drop.scatter(order.ndim - 1, order, drop), -torch.inf)
     return logits
 
@@ -174,7 +186,7 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
 
 @dataclass
 class RasterSample:
-    img: Tensor  # (B, C, H, W) in [0, 1]
+    img: Tensor | None  # (B, C, H, W) in [0, 1]; None when no tokenizer was given
     tokens: Tensor  # (B, N) raster order
     labels: Tensor
     rounds: int  # sequential model calls
@@ -187,26 +199,38 @@ class RasterSample:
         return self.tokens.shape[1] / self.rounds
 
 
-def guided(logits: Tensor, batch: int, cfg: float) -> Tensor:
-    """LlamaGen's guidance on stacked (cond; uncond) logits; cfg == 1 means one branch was run."""
-    if cfg == 1:
+def guided(logits: Tensor, batch: int, cfg: float, guide: Tensor | None = None) -> Tensor:
+    """LlamaGen's guidance on stacked (cond; uncond) logits (B, n, V); cfg <= 1 means one branch was run.
+    `guide` (n,) bool: the positions to guide (the others take the conditional logits, as after cfg_interval)."""
+    if cfg <= 1:
         return logits
     cond, uncond = logits[:batch], logits[batch:]
-    return uncond + cfg * (cond - uncond)
+    out = uncond + (cond - uncond) * cfg
+    return out if guide is None else torch.where(guide[:, None], out, cond)
 
 
-def gumbel_noise(batch: int, tokens: int, vocab: int, generator: Generator | None = None,
-                 device: torch.device | str = "cpu") -> Tensor:
-    """Per-position Gumbel noise (B, N, V), drawn once before sampling (one stream, or one per sample)."""
-    return -exponential_like(torch.empty(batch, tokens, vocab, device=device), generator).log()
+def exponential_noise(batch: int, tokens: int, vocab: int, generator: Generator | None = None,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """Per-position standard exponential noise (B, N, V), drawn once before sampling: from one stream in
+    LlamaGen's order (token by token, (B, V) each: one `multinomial` call per token draws exactly that), or
+    one stream per sample (`SampleRNG`)."""
+    if isinstance(generator, SampleRNG):
+        return generator.exponential(tokens, vocab)
+    return torch.empty(tokens, batch, vocab, device=device).exponential_(generator=generator).transpose(0, 1)
+
+
+def probs_of(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """softmax(filtered logits / T), as LlamaGen's `sample` (T floored at 1e-5; its top-p arithmetic)."""
+    return top_k_top_p(logits / max(temperature, 1e-5), top_k, top_p, nucleus="llamagen").softmax(-1)
 
 
 def pick(logits: Tensor, noise: Tensor | None, temperature: float, top_k: int, top_p: float) -> Tensor:
-    """The token at each position: Gumbel-max, argmax(masked logits / T + g), an exact draw from
-    softmax(masked logits / T); greedy argmax when T == 0 (noise unused)."""
+    """The token at each position: argmax(p / E) for p = `probs_of(...)` and exponential noise E, an exact draw
+    from p and bit for bit what `torch.multinomial(p, 1)` returns from the same noise; greedy argmax when T == 0
+    (noise unused)."""
     if temperature == 0:
         return logits.argmax(-1)
-    return (top_k_top_p(logits / temperature, top_k, top_p) + noise).argmax(-1)
+    return (probs_of(logits, temperature, top_k, top_p) / noise).argmax(-1)
 
 
 def pick_among(logits: Tensor, cand: Tensor, noise: Tensor | None, temperature: float) -> Tensor:
@@ -217,16 +241,17 @@ def pick_among(logits: Tensor, cand: Tensor, noise: Tensor | None, temperature: 
 
 
 class RasterOperator:
-    """Token i = pick(logits_i(class, tokens < i), g_i) as a causal operator for the fixed-point engine: with the
+    """Token i = pick(logits_i(class, tokens < i), E_i) as a causal operator for the fixed-point engine: with the
     noise drawn up front, sampling is a deterministic triangular system, so sequential decoding is `window=1` and
     Jacobi decoding reproduces it token for token. The KV cache holds the committed input positions (position 0 is
-    the class token, position p >= 1 reads token p - 1)."""
+    the class token, position p >= 1 reads token p - 1). `cfg_interval` > -1 guides tokens 0 .. cfg_interval + 1
+    only (LlamaGen's rule; the unconditional branch is still run after)."""
 
     def __init__(self, model: RasterAR, labels: Tensor, cfg: float, temperature: float, top_k: int, top_p: float,
-                 noise: Tensor | None):
-        self.model, self.B, self.cfg = model, labels.shape[0], cfg
+                 noise: Tensor | None, cfg_interval: int = -1):
+        self.model, self.B, self.cfg, self.cfg_interval = model, labels.shape[0], cfg, cfg_interval
         self.draw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.lab = labels if cfg == 1 else torch.cat((labels, torch.full_like(labels, -1)))
+        self.lab = labels if cfg <= 1 else torch.cat((labels, torch.full_like(labels, -1)))
         self.noise = noise
         self.cache = model.new_cache(len(self.lab), like=model.rope)
 
@@ -234,11 +259,13 @@ class RasterOperator:
         """Guided logits (B, stop - start, V) at positions [start, stop) given the tokens in x before them."""
         toks = x[:, max(start - 1, 0): stop - 1].repeat(len(self.lab) // self.B, 1)
         h = self.model.embed(self.lab if start == 0 else None, toks)
-        return guided(self.model.run(h, start, self.cache), self.B, self.cfg)
+        guide = None
+        if self.cfg_interval > -1:
+            guide = torch.arange(start, stop, device=x.device) <= self.cfg_interval + 1
+        return guided(self.model.run(h, start, self.cache), self.B, self.cfg, guide)
 
     def probs(self, x: Tensor, start: int, stop: int) -> Tensor:
-        d = self.draw
-        return top_k_top_p(self.logits(x, start, stop) / d["temperature"], d["top_k"], d["top_p"]).softmax(-1)
+        return probs_of(self.logits(x, start, stop), **self.draw)
 
     def __call__(self, x: Tensor, start: int, stop: int, need: Tensor | None = None) -> Tensor:
         logits = self.logits(x, start, stop)
@@ -299,14 +326,14 @@ def speculative_jacobi(op: RasterOperator, batch: int, tokens: int, vocab: int, 
 
 def raster_tokens(model: RasterAR, labels: Tensor, cfg: float, temperature: float, top_k: int, top_p: float,
                   noise: Tensor | None, method: str = "sequential", window: int | None = None,
-                  max_iters: int | None = None,
-                  generator: Generator | None = None) -> tuple[Tensor, int, int, FixedPointResult | None]:
+                  max_iters: int | None = None, generator: Generator | None = None,
+                  cfg_interval: int = -1) -> tuple[Tensor, int, int, FixedPointResult | None]:
     """Tokens (B, N), sequential calls, positions evaluated and the engine's record: `sequential` (one token per
     call) or `jacobi` (Jacobi decoding, the same tokens) on the fixed-point engine, or `sjd` (speculative Jacobi
     decoding: the same distribution, random acceptance; draws its own random numbers from `generator`).
     `window`: tokens per Jacobi / SJD pass, default 16: on the bundled 8x8 models a 16-token window takes as many
     calls as the whole open window (24.9 vs 24.3 for raster-mnist over 12 seeds) at 75% of the time per image."""
-    op = RasterOperator(model, labels, cfg, temperature, top_k, top_p, noise)
+    op = RasterOperator(model, labels, cfg, temperature, top_k, top_p, noise, cfg_interval)
     N = model.config.tokens
     x0 = labels.new_zeros(labels.shape[0], N)
     window = window or 16
@@ -329,21 +356,21 @@ def raster_tokens(model: RasterAR, labels: Tensor, cfg: float, temperature: floa
 
 
 @torch.no_grad()
-def sample_raster(model: RasterAR, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperature: float = 1.0,
+def sample_raster(model: RasterAR, vq: VQVAE | None, labels: Tensor, cfg: float = 1.0, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 0.0, generator: Generator | None = None,
                   noise: Tensor | None = None, method: str = "sequential", window: int | None = None,
-                  max_iters: int | None = None) -> RasterSample:
-    """Sample images token by token in raster order (labels (B,), < 0: unconditional) with LlamaGen's guidance.
-    Random numbers: Gumbel noise (B, N, V) drawn up front from `generator` (or given as `noise`).
+                  max_iters: int | None = None, cfg_interval: int = -1) -> RasterSample:
+    """Sample images token by token in raster order (labels (B,), < 0: unconditional) as LlamaGen's `generate`.
+    Random numbers: exponential noise (B, N, V) drawn up front from `generator` (or given as `noise`).
     method: `sequential` (one token per call, KV cache) or `jacobi` (Jacobi decoding on the fixed-point engine:
     every pass re-predicts a window of tokens from the current guess; same tokens as sequential, fewer calls
     when guesses survive); `window` bounds the tokens per Jacobi pass (default 16)."""
     c = model.config
     if noise is None and temperature > 0 and method != "sjd":
-        noise = gumbel_noise(labels.shape[0], c.tokens, c.vocab_size, generator, labels.device)
+        noise = exponential_noise(labels.shape[0], c.tokens, c.vocab_size, generator, labels.device)
     x, rounds, nfe, res = raster_tokens(model, labels, cfg, temperature, top_k, top_p, noise, method, window,
-                                        max_iters, generator)
-    img = vq.indices_to_img(x).add(1).mul(0.5)
+                                        max_iters, generator, cfg_interval)
+    img = None if vq is None else vq.indices_to_img(x).add(1).mul(0.5)
     return RasterSample(img, x, labels, rounds=rounds, nfe=nfe, result=res)
 
 
@@ -355,13 +382,14 @@ def sample_c2f(model: C2F, vq: VQVAE, labels: Tensor, cfg: float = 1.0, temperat
     """CTF sampling: stage 1 draws the coarse labels in raster order (guidance `cfg`, `temperature`, top-k/p;
     sequential or Jacobi decoding), then stage 2 draws every fine label in one pass at `aux_temperature`
     (conditioned on the class, no guidance), masked to each coarse label's cluster unless `mask_to_cluster` is
-    False. Gumbel noise for stage 1, then for stage 2, is drawn from `generator` up front."""
+    False. Exponential noise for stage 1, then for stage 2, is drawn from `generator` up front."""
     c = model.config
     B, N = labels.shape[0], c.grid * c.grid
     # masked, a fine label is drawn among its cluster's m members only: noise and draw over m, not V, entries
     table = model.members() if mask_to_cluster else None
-    n1 = gumbel_noise(B, N, c.coarse, generator, labels.device) if temperature > 0 and method != "sjd" else None
-    n2 = gumbel_noise(B, N, c.vocab_size if table is None else table.shape[1], generator, labels.device) \
+    n1 = exponential_noise(B, N, c.coarse, generator, labels.device) if temperature > 0 and method != "sjd" \
+        else None
+    n2 = exponential_noise(B, N, c.vocab_size if table is None else table.shape[1], generator, labels.device) \
         if aux_temperature > 0 else None
     coarse, rounds, nfe, res = raster_tokens(model.stage1, labels, cfg, temperature, top_k, top_p, n1, method,
                                              window, generator=generator)

@@ -86,6 +86,8 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
     start, losses = 0, []
+    if out is not None and rank == 0:
+        checkpoint.clean_stale_tmp(out)  # a write killed mid-way leaves its temp file; the checkpoint is intact
     if resume:
         if out is None:
             raise PargenError("resume needs the checkpoint path")
@@ -102,6 +104,21 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
                desc="train", dynamic_ncols=True)
     t0 = time.perf_counter()
     model.train()
+    try:
+        _steps(bar, cfg, data, model, net, opt, ema, loss_fn, losses, rank, world, device, start, end, out, meta,
+               progress, t0)
+    except KeyboardInterrupt:
+        done = len(losses)  # one loss per finished step (a Ctrl-C inside a step may leave its update applied)
+        if out is not None and rank == 0 and done > start:
+            _save(out, model, ema, opt, done, losses, meta)  # Ctrl-C: nothing trained is lost
+            print(f"\ninterrupted: checkpoint saved at step {done} ({checkpoint.stem(out)}); --resume continues it")
+        raise
+    bar.close()
+    return TrainResult(ema if ema is not None else model, losses, time.perf_counter() - t0)
+
+
+def _steps(bar, cfg, data, model, net, opt, ema, loss_fn, losses, rank, world, device, start, end, out, meta,
+           progress, t0) -> None:
     for step in bar:
         seeds = step_seeds(cfg.seed, step, cfg.batch_size)
         idx = torch.stack([torch.randint(len(data), (), generator=g) for g in SampleRNG(2 * seeds + 1).gens])
@@ -132,8 +149,6 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
                             img_s=f"{rate:.0f}", lr=f"{lr_at(cfg, step):.1e}")
         if out is not None and rank == 0 and (done % cfg.ckpt_every == 0 or done == end):
             _save(out, model, ema, opt, done, losses, meta)
-    bar.close()
-    return TrainResult(ema if ema is not None else model, losses, time.perf_counter() - t0)
 
 
 def _save(out, model, ema, opt, step, losses, meta) -> None:

@@ -56,13 +56,16 @@ def classifier_loss(model: Classifier, x: Tensor, y: Tensor, rng: SampleRNG) -> 
 
 
 def denoiser_loss(model: Denoiser, x: Tensor, y: Tensor | None, rng: SampleRNG, label_drop: float = 0.1) -> Tensor:
-    """Epsilon-prediction loss (Ho et al.) at a uniformly drawn timestep, with label drop for guidance."""
+    """Epsilon-prediction loss (Ho et al.) at a uniformly drawn timestep, with label drop for guidance; a model
+    whose config says `prediction="v_prediction"` regresses v = sqrt(ab) eps - sqrt(1 - ab) x0 instead (Salimans
+    & Ho), which does not need a near-identity map at high noise."""
     net = unwrap(model)
     t = rng.randint(net.config.train_steps).view(-1).to(x.device)
     eps = rng.randn(*x.shape[1:], dtype=x.dtype).to(x.device)
     ab = net.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
     y = drop_labels(y, label_drop, rng) if net.config.num_classes else None
-    return F.mse_loss(model(ab.sqrt() * x + (1 - ab).sqrt() * eps, t, y), eps)
+    target = eps if getattr(net.config, "prediction", "epsilon") == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * x
+    return F.mse_loss(model(ab.sqrt() * x + (1 - ab).sqrt() * eps, t, y), target)
 
 
 def vq_loss(model: MSVQVAE | VQVAE, x: Tensor, y: Tensor | None, rng: SampleRNG, restart: bool = True) -> Tensor:
