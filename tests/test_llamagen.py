@@ -279,3 +279,16 @@ def _saved(lg, tmp_path):
     path = tmp_path / "gpt.pt"
     torch.save(lg["gpt_state_dict"], path)
     return path
+
+
+def test_token_models_without_a_tokenizer(tmp_path):
+    """A raster GPT converted without its VQ loads (its tokens can be benched); VAR still needs its tokenizer."""
+    import pargen
+    from pargen import checkpoint
+    from pargen.errors import PargenError
+
+    checkpoint.save(tmp_path / "var", registry.create("var-tiny"))
+    with pytest.raises(PargenError, match="needs --tokenizer"):
+        pargen.load(tmp_path / "var")
+    checkpoint.save(tmp_path / "raster", registry.create("raster-tiny"))
+    assert pargen.load(tmp_path / "raster").tokenizer is None

@@ -57,9 +57,7 @@ class VARPipeline(Pipeline):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        # a converted GPT without its VQ still decodes tokens (bench raster times them); images need the VQ
-        self.tokenizer = tokenizer_for(self.meta["tokenizer"], self.model.config, self.device, self.dtype) \
-            if self.meta.get("tokenizer") or self.ctf else None
+        self.tokenizer = tokenizer_for(self.meta.get("tokenizer"), self.model.config, self.device, self.dtype)
 
     def settings(self, method: str = "auto", batch: int = 1, cfg: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, kv_cache: bool | None = None, lowrank_layers=None,
