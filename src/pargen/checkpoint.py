@@ -35,13 +35,16 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+FILES = (".safetensors", ".json", ".state.pt")  # a checkpoint's weights, description and training state
+
+
 def clean_stale_tmp(path: str | os.PathLike) -> list[Path]:
     """Delete the temp files a killed `atomic_write` of this checkpoint left behind; returns what was removed."""
     s = stem(path)
     if not s.parent.is_dir():
         return []
     gone = []
-    for suffix in (".safetensors", ".json", ".state.pt"):
+    for suffix in FILES:
         for tmp in s.parent.glob(f".{s.name}{suffix}.*.tmp"):
             tmp.unlink(missing_ok=True)
             gone.append(tmp)
@@ -51,13 +54,13 @@ def clean_stale_tmp(path: str | os.PathLike) -> list[Path]:
 def exists(path: str | os.PathLike) -> bool:
     """Whether a checkpoint (weights, description or training state) is already at this path."""
     s = stem(path)
-    return any(s.with_name(s.name + x).exists() for x in (".safetensors", ".json", ".state.pt"))
+    return any(s.with_name(s.name + x).exists() for x in FILES)
 
 
 def stem(path: str | os.PathLike) -> Path:
     """`runs/x`, `runs/x.json` and `runs/x.safetensors` all name the checkpoint `runs/x`."""
     p = Path(path)
-    for suffix in (".safetensors", ".json", ".state.pt"):
+    for suffix in FILES:
         if p.name.endswith(suffix):
             return p.with_name(p.name[: -len(suffix)])
     return p

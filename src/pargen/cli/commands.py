@@ -504,8 +504,7 @@ def cmd_convert(args) -> int:
         from ..convert.llamagen import load_gpt, load_vq
 
         vq = load_vq(args.vq, args.image_size) if args.vq else None
-        stride = 16 if vq is None else 2 ** (len(vq.config.ch_mult) - 1)
-        gpt = load_gpt(args.source, args.image_size, args.heads, stride)
+        gpt = load_gpt(args.source, args.image_size, args.heads, 16 if vq is None else vq.config.downsample)
         meta = {"converted_from": Path(args.source).name, "size": args.image_size}
         if vq is not None:
             if vq.config.vocab_size != gpt.config.vocab_size:

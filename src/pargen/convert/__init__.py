@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Any
 
 import torch
@@ -10,6 +11,11 @@ import torch
 from ..errors import PargenError
 
 WRAPPERS = ("model", "module", "state_dict")  # where training scripts keep the weights inside a checkpoint
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Key names without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes training wrappers add."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
 
 
 def read_state(src: str | os.PathLike | dict[str, Any], what: str = "state dict") -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from ..checkpoint import load_state
 from ..errors import PargenError
 from ..models.raster_ar import LLAMAGEN, RasterAR, RasterARConfig
 from ..tokenizers.vq import VQConfig, VQVAE
-from . import read_state
+from . import read_state, strip_prefixes
 
 HEADS = {(w, d): h for w, d, h in LLAMAGEN.values()}
 DROPPED_VQ = ("quantize.codebook_used",)
@@ -27,13 +27,8 @@ DROPPED_VQ = ("quantize.codebook_used",)
 
 def _gpt_state(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip DDP / compile prefixes and the KV-cache buffers `setup_caches` leaves in a state dict."""
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^(module\.|_orig_mod\.)+", "", k)
-        if ".attention.kv_cache." in k or k in ("freqs_cis", "causal_mask"):
-            continue
-        out[k] = v
-    return out
+    return {k: v for k, v in strip_prefixes(sd).items()
+            if ".attention.kv_cache." not in k and k not in ("freqs_cis", "causal_mask")}
 
 
 def gpt_config(sd: dict[str, torch.Tensor], image_size: int = 256, heads: int | None = None,
@@ -100,7 +95,7 @@ def vq_config(sd: dict[str, torch.Tensor], image_size: int | None = None) -> VQC
     mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv2.weight"].shape[0] // ch for i in range(levels))
     blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.conv_blocks\.0\.res\.(\d+)\.", k)))
     return VQConfig(vocab_size=V, code_dim=D, z_channels=z, ch=ch, ch_mult=mult, num_res_blocks=blocks,
-                    in_channels=cin, img_size=image_size or 2 ** (levels - 1) * 16)
+                    in_channels=cin, img_size=image_size or 16 * 2 ** (levels - 1))  # 16x16 tokens
 
 
 def vq_state(sd: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
@@ -129,7 +124,7 @@ def load_vq(src: str | os.PathLike | dict[str, Any], image_size: int | None = No
     """An official LlamaGen VQ model (path or state dict) as a `VQVAE`, strictly: every official key but
     `quantize.codebook_used` is used once, every pargen key is filled, shapes equal."""
     sd = read_state(src, "LlamaGen VQ state dict")
-    sd = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
+    sd = strip_prefixes(sd)
     cfg = vq_config(sd, image_size)
     model = VQVAE(cfg)
     out = vq_state(sd, len(cfg.ch_mult))

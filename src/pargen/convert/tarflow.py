@@ -13,19 +13,13 @@ import torch
 
 from ..checkpoint import load_state
 from ..errors import PargenError
-from . import read_state
+from . import read_state, strip_prefixes
 from ..models.tarflow import TarFlow, TarFlowConfig
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip DDP/compile prefixes and the constant `attn_mask` buffers (pargen builds masks on the fly)."""
-    out = {}
-    for k, v in state.items():
-        k = re.sub(r"^(module\.|_orig_mod\.)+", "", k)
-        if k.endswith(".attn_mask"):
-            continue
-        out[k] = v
-    return out
+    return {k: v for k, v in strip_prefixes(state).items() if not k.endswith(".attn_mask")}
 
 
 def infer_config(state: dict[str, torch.Tensor], in_channels: int = 3, noise_std: float = 0.05) -> TarFlowConfig:

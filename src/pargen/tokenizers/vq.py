@@ -34,8 +34,12 @@ class VQConfig:
     img_size: int = 32
 
     @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
     def grid(self) -> int:
-        return self.img_size // 2 ** (len(self.ch_mult) - 1)
+        return self.img_size // self.downsample
 
 
 class VectorQuantizer(nn.Module):
