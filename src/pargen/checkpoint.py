@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import registry
@@ -73,7 +73,8 @@ def save(path: str | os.PathLike, model: torch.nn.Module, extra: dict[str, Any] 
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in model.state_dict().items()}
     meta = {"family": model.family, "config": to_dict(model.config), **(extra or {})}
-    atomic_write(s.with_name(s.name + ".safetensors"), lambda tmp: save_file(tensors, tmp))
+    stamp = {"step": str(meta["step"])} if "step" in meta else None  # checked against the JSON by `load`
+    atomic_write(s.with_name(s.name + ".safetensors"), lambda tmp: save_file(tensors, tmp, metadata=stamp))
     return write_meta(s, meta)
 
 
@@ -92,7 +93,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(jpath.read_text())
         meta["family"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise PargenError(f"checkpoint description {jpath} is corrupt ({e})") from None
     return meta
 
@@ -116,8 +117,14 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[t
         raise PargenError(f"checkpoint weights {wpath} not found")
     try:
         state = load_file(str(wpath))
+        with safe_open(str(wpath), "pt") as f:
+            stamp = (f.metadata() or {}).get("step")
     except (SafetensorError, OSError, ValueError) as e:
         raise PargenError(f"checkpoint weights {wpath} are unreadable (truncated or not safetensors): {e}") from None
+    if stamp is not None and stamp != str(meta.get("step")):
+        raise PargenError(f"{wpath} holds the weights of step {stamp} but {s}.json describes step "
+                          f"{meta.get('step')}: a save was interrupted; `pargen train ... --resume` continues from "
+                          "the training state and rewrites both")
     load_state(model, state, str(wpath))
     return model.to(dtype).eval(), meta
 
@@ -209,7 +216,7 @@ def read_record(ckpt: str | os.PathLike, suffix: str) -> tuple[dict[str, Any] | 
         return None, None
     try:
         return json.loads(p.read_text()), p
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PargenError(f"calibration record {p} is corrupt: {e}") from None
 
 

@@ -159,7 +159,15 @@ def _folder(root: Path, split: str, size: int | None) -> ImageData:
     items = [(f, i) for f, i in items if f.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
         raise PargenError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
-    arrs = [_load_rgb(f, size) for f, _ in items]
+    arrs, bad = [], []
+    for f, _ in items:
+        try:
+            arrs.append(_load_rgb(f, size))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated data
+            bad.append((f, e))
+    if bad:
+        raise PargenError(f"{len(bad)} of the {len(items)} image files in {root} cannot be read, e.g. {bad[0][0]} "
+                          f"({bad[0][1]}); remove or replace them")
     if len({a.shape for a in arrs}) > 1:
         raise PargenError(f"images in {root} differ in size; pass a size to resize them")
     images = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()

@@ -4,17 +4,21 @@ Work is split by rows: each rank takes a contiguous share (`share`) and `gather`
 in rank order, so the result is the one a single process computes for the same rows."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
+TIMEOUT_S = 120.0  # how long a collective waits for the other processes (gloo's default is 30 minutes)
+
 
 def init() -> tuple[int, int]:
-    """(rank, world size), initialising the process group under torchrun; (0, 1) otherwise."""
+    """(rank, world size), initialising the process group under torchrun; (0, 1) otherwise. A process that stops
+    (not dies) makes the others' next collective fail after `TIMEOUT_S` seconds, not hang."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 

@@ -251,9 +251,53 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     d.add_argument("--quick", action="store_true", help="fewer images and repeats (under a minute)")
 
 
+IMAGE = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+PLOT = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+# what each command writes: argument -> the extensions it takes, "dir" (a folder) or "checkpoint" (a stem)
+OUTPUTS = {
+    "train": {"out": "checkpoint", "export_fp16": "checkpoint", "export_diffusers": "dir"},
+    "sample": {"out": IMAGE, "each": "dir", "npz": (".npz",)},
+    "eval": {"json": (".json",), "grid": IMAGE},
+    "bench": {"json": (".json",), "plot": PLOT},
+    "calibrate": {"plot": PLOT},
+    "analyze": {"json": (".json",)},
+    "convert": {"out": "checkpoint"},
+    "demo": {"out": "dir"},
+}
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every path a command will write: a known extension, and a place that can be written, checked before any
+    work (a probe file is created and deleted in the nearest existing folder; nothing else is touched)."""
+    import tempfile
+
+    for key, kind in OUTPUTS.get(args.cmd, {}).items():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        flag, p = f"--{key.replace('_', '-')}", Path(value)
+        if p.is_dir() and kind != "dir":
+            raise PargenError(f"{flag} {value} is a folder; give a file name")
+        if isinstance(kind, tuple) and p.suffix.lower() not in kind:
+            raise PargenError(f"{flag} {value}: expected a file ending in {', '.join(kind)}")
+        if p.exists() and not p.is_dir() and kind == "dir":
+            raise PargenError(f"{flag} {value} is a file; give a folder")
+        folder = p if kind == "dir" else p.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise PargenError(f"{flag} {value}: {folder} is a file, not a folder")
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise PargenError(f"{flag} {value}: cannot write in {folder} ({e.strerror or e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from . import bench, demo
 
+    check_outputs(args)
     table = {"train": cmd_train, "list": cmd_list, "sample": cmd_sample, "eval": cmd_eval, "bench": bench.cmd_bench,
              "calibrate": cmd_calibrate, "convert": cmd_convert, "demo": demo.cmd_demo, "analyze": cmd_analyze}
     return table[args.cmd](args)
@@ -569,7 +613,7 @@ def _check_data_fits(cfg, ds: data.ImageData) -> None:
                              f"has labels up to {int(ds.labels.max())}"))
 
 
-def _check_resume(args, family: str, cfg) -> None:
+def _check_resume(args, family: str, cfg, say=print) -> None:
     """--resume continues the same run: the same preset, data, size and model config (steps and lr may change)."""
     from ..config import to_dict
 
@@ -583,20 +627,23 @@ def _check_resume(args, family: str, cfg) -> None:
     changed = {k: (old.get("train", {}).get(k), getattr(args, k)) for k in ("steps", "lr", "batch_size")
                if old.get("train", {}).get(k) not in (None, getattr(args, k))}
     for k, (a, b) in changed.items():
-        print(f"resume: {k} changed from {a} to {b}")
+        say(f"resume: {k} changed from {a} to {b}")
 
 
 def cmd_train(args) -> int:
+    from .. import distributed
     from ..evaluation import metrics
     from ..training.loop import TrainConfig, train
     from ..training.losses import LOSSES
 
+    rank, _ = distributed.init()  # under torchrun: one run; rank 0 reports and writes
+    say = print if rank == 0 else (lambda *a, **k: None)
     family, cfg = registry.preset_config(args.model, args.set)
     if not args.resume and checkpoint.exists(args.out):
         raise PargenError(f"{checkpoint.stem(args.out)} already holds a checkpoint; pass --resume to continue it "
                           "or choose another --out (nothing was overwritten)")
     if args.resume:
-        _check_resume(args, family, cfg)
+        _check_resume(args, family, cfg, say)
     ds = data.load(args.data, "train", args.size)
     _check_data_fits(cfg, ds)
     if args.batch_size > len(ds):
@@ -611,7 +658,7 @@ def cmd_train(args) -> int:
             raise PargenError(f"--init {args.init} is a {src_meta['family']} checkpoint, not {family}")
         checkpoint.load_state(model, src.state_dict(), f"--init {args.init}")
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"training {args.model} ({family}, {nparams / 1e6:.2f}M parameters) on {ds.name} ({len(ds)} images)")
+    say(f"training {args.model} ({family}, {nparams / 1e6:.2f}M parameters) on {ds.name} ({len(ds)} images)")
     meta = {"preset": args.model, "data": args.data, "size": args.size, "params": nparams}
     if args.init:
         meta["init"] = args.init
@@ -623,8 +670,10 @@ def cmd_train(args) -> int:
         if family == "c2f" and not (args.resume or args.init):
             model.set_clusters(tok.quantize.embedding.weight, args.seed)
             sizes = model.assign.bincount(minlength=cfg.coarse)
-            print(f"{cfg.clusters} coarse labels: {cfg.coarse} clusters of {int(sizes.min())}-{int(sizes.max())} codes")
+            say(f"{cfg.clusters} coarse labels: {cfg.coarse} clusters of {int(sizes.min())}-{int(sizes.max())} codes")
     res = train(model, ds, loss_fn, tcfg, out=args.out, resume=args.resume, meta=meta)
+    if rank:
+        return 0
     print(f"done: {len(res.losses)} steps, final loss {sum(res.losses[-50:]) / len(res.losses[-50:]):.4f}, "
           f"{res.seconds / 60:.1f} min; checkpoint {checkpoint.stem(args.out)}")
     extra = {"steps": len(res.losses), "train_minutes": round(res.seconds / 60, 2)}

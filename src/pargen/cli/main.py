@@ -25,8 +25,15 @@ def _nonneg_float(s: str) -> float:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if v < 0 or v != v:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {s}")
+    if not 0 <= v < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {s}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    v = _nonneg_float(s)
+    if v == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
     return v
 
 
@@ -65,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: the physical cores this process may use, divided among the "
                         "processes of a torchrun job; several jobs on one machine: give each its share)")
+    p.add_argument("--dist-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others at a collective before it exits "
+                        "with an error naming itself (default 120; gloo's own default is 30 minutes)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model preset on a dataset",
@@ -109,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from .. import distributed
 
     torch.set_num_threads(args.threads or default_threads())
+    distributed.TIMEOUT_S = args.dist_timeout
     try:
         if args.device != "cpu":
             from ..pipelines import parse_device
@@ -120,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     except PargenError as e:
         print(f"pargen: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # gloo's timeout or a lost connection: this process names itself and leaves
+        rank, world = distributed.world()
+        if world == 1 or not (isinstance(e, torch.distributed.DistError) or "gloo" in str(e)):
+            raise
+        reason = str(e).strip().splitlines()[0].split("] ")[-1][:200]
+        print(f"pargen: error: process {rank} of {world} lost the others ({reason}); a process stopped or died "
+              f"(waits are limited by --dist-timeout, now {args.dist_timeout:g} s)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("pargen: interrupted", file=sys.stderr)
         return 130

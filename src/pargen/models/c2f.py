@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check
 from ..registry import register_family, register_preset
 from .raster_ar import RasterAR, RasterARConfig
 
@@ -34,6 +35,9 @@ class C2FConfig:
     num_classes: int = 10
     ffn_multiple: int = 32  # both stages are LlamaGen blocks (`RasterAR`); LlamaGen's own models use 256
     class_rope: str = "zero"
+
+    def __post_init__(self):
+        check(self, ("width", "heads"), ("aux_width", "aux_heads"))
 
     def _shared(self) -> dict:
         return dict(grid=self.grid, num_classes=self.num_classes, ffn_multiple=self.ffn_multiple,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check
 from ..registry import register_family, register_preset
 
 
@@ -20,6 +21,9 @@ class ClassifierConfig:
     num_classes: int = 10
     width: int = 32
     feature_dim: int = 128
+
+    def __post_init__(self):
+        check(self)
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check
 from ..registry import register_family, register_preset
 
 
@@ -37,6 +38,9 @@ class DenoiserConfig:
     schedule: str = "linear"  # "linear" | "cosine"
     train_steps: int = 1000
     skip: bool = False  # add s(t, y) * x_t to the output: lets few, coarse tokens pass the full-resolution noise
+
+    def __post_init__(self):
+        check(self, ("width", "heads"), ("img_size", "patch_size"))
 
     @property
     def seq_len(self) -> int:

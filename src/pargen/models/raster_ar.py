@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check
 from ..nn.attention import KVCache, attend
 from ..registry import register_family, register_preset
 
@@ -37,6 +38,9 @@ class RasterARConfig:
     in_vocab: int = 0  # input token vocabulary (0: vocab_size); CTF's stage 2 reads coarse labels
     causal: bool = True  # False: bidirectional (CTF's stage 2)
     class_rope: str = "zero"  # the class token's rotary row: "zero" (LlamaGen's table) or "identity"
+
+    def __post_init__(self):
+        check(self, ("width", "heads"), ("heads", "kv"))
 
     @property
     def tokens(self) -> int:

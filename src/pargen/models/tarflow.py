@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check
 from ..nn.attention import KVCache, attend, layer_norm
 from ..registry import register_family, register_preset
 
@@ -34,6 +35,9 @@ class TarFlowConfig:
     nvp: bool = True  # False: volume-preserving (shift only) blocks with a learned prior variance
     num_classes: int = 0
     noise_std: float = 0.05  # Gaussian noise augmentation used in training and by the denoising step
+
+    def __post_init__(self):
+        check(self, ("width", "head_dim"), ("img_size", "patch_size"))
 
     @property
     def seq_len(self) -> int:

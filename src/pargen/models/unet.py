@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..config import check
 from ..registry import register_family, register_preset
 from .denoiser import alphas_cumprod
 
@@ -24,6 +25,9 @@ class UNetConfig:
     schedule: str = "linear"
     train_steps: int = 1000
     prediction: str = "v_prediction"  # or "epsilon"; the exported scheduler's prediction_type
+
+    def __post_init__(self):
+        check(self)
 
 
 @register_family("unet")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check
 from ..nn.attention import KVCache, attend
 from ..nn.lowrank import PolySpec, PolyState, poly_attention
 from ..registry import register_family, register_preset
@@ -38,6 +39,9 @@ class VARConfig:
     cond_drop_rate: float = 0.1
     drop_path_rate: float = 0.0
     attn_scale_cap: float = 100.0  # the head scales s_h are clamped to this (the reference: 100)
+
+    def __post_init__(self):
+        check(self, ("C", "H"))
 
     @property
     def C(self) -> int:

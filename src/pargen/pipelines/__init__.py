@@ -89,6 +89,21 @@ def share_seeds(seeds: list[int]) -> list[int]:
     return seeds[distributed.share(len(seeds))]
 
 
+WORK_PER_PIXEL = 64  # a low count of the float32 working set per image pixel of one batch (see check_memory)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel reports available (Linux `MemAvailable`), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class Pipeline:
     """A checkpoint with everything needed to sample it: model, tokenizer, defaults and calibration records."""
 
@@ -113,6 +128,28 @@ class Pipeline:
                f"dtype={str(self.dtype).replace('torch.', '')})"
 
     # ---- what every family shares
+    @property
+    def shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the images this pipeline makes: the model's, or its tokenizer's (None without one)."""
+        c = self.model.config
+        if not hasattr(c, "img_size"):
+            c = getattr(getattr(self, "tokenizer", None), "config", None)
+        return None if c is None else (c.in_channels, c.img_size, c.img_size)
+
+    def check_memory(self, n: int, batch: int) -> None:
+        """Refuse, before any work, a run that cannot fit: `n` float32 images held twice (the batches and their
+        concatenation) plus one batch's working set, counted low (WORK_PER_PIXEL floats a pixel; a transformer's
+        activations and caches are more), against the memory the system reports available."""
+        avail, shape = available_memory(), self.shape
+        if avail is None or shape is None:
+            return
+        pixel = 4 * math.prod(shape)
+        need = 2 * n * pixel + (batch * pixel * WORK_PER_PIXEL if self.device.type == "cpu" else 0)
+        if need > avail:
+            raise PargenError(f"{n:,} images of {'x'.join(map(str, shape))} in batches of {batch:,} need at least "
+                              f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available; sample "
+                              "fewer images per run (-n) or smaller batches")
+
     def check(self, method: str, overrides: dict[str, Any]) -> None:
         if method not in self.methods:
             raise PargenError(f"{self.name} ({self.family}) samples with method {', '.join(self.methods)}; "
@@ -152,6 +189,7 @@ class Pipeline:
         if batch_size < 1:
             raise PargenError(f"batch_size must be >= 1, not {batch_size}")
         self.check(method, overrides)
+        self.check_memory(len(seeds), min(batch_size, len(seeds)))
         y = self.labels(seeds, labels)
         st = self.settings(method, batch=min(batch_size, len(seeds)), **overrides)
         mine, shared = slice(0, len(seeds)), False

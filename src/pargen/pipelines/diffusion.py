@@ -100,11 +100,6 @@ class DiffusionPipeline(Pipeline):
         rec, self.record = checkpoint.read_record(self.path, CALIBRATION)
         self.calibrated = {**self.defaults.get("parallel", {}), **((rec or {}).get("parallel", {}))}
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        c = self.model.config
-        return (c.in_channels, c.img_size, c.img_size)
-
     def settings(self, method: str = "auto", batch: int = 1, **kw: Any) -> Settings:
         return resolve({**self.defaults, "parallel": self.calibrated}, method, batch, **kw)
 
@@ -178,6 +173,7 @@ class DiffusionPipeline(Pipeline):
         settings. Under torchrun the ranks share the batch, or with `split_calls` every rank runs the whole batch
         and each model call (the sequential sampler's too) is split over them. `fid`: classifier FID of that many
         images for the sequential sampler and window Picard."""
+        self.check_memory(max(batches), max(batches))
         records = []
         for name in samplers:
             st = self.settings("picard", sampler=name, split_calls=split_calls, **flags)

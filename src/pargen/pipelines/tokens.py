@@ -104,6 +104,7 @@ class VARPipeline(Pipeline):
         """KV-cached next-scale sampling against the same model re-running its prefix at every scale (same
         tokens), and against a raster-order AR model over the same final token grid (another model: the paper's
         ratio), sequential and Jacobi-decoded; interleaved, on the same labels and seeds."""
+        self.check_memory(max(batches), max(batches))
         c = self.model.config
         st = self.settings(cfg=cfg)
         rp = None
@@ -253,6 +254,7 @@ class RasterPipeline(Pipeline):
         """CTF against its raster baseline on the same tokenizer: raster sequential vs its Jacobi and speculative
         Jacobi decoding and vs CTF (another model), then CTF sequential vs CTF with a Jacobi / speculatively
         decoded stage 1; interleaved. A raster checkpoint is benched against itself only."""
+        self.check_memory(max(batches), max(batches))
         base = self
         if self.ctf:
             base = load(raster, self.device, self.dtype)

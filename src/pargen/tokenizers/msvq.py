@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check
 from ..registry import register_family, register_preset
 from .codebook import VQOutput
 from .conv import Decoder, Encoder
@@ -33,6 +34,9 @@ class MSVQConfig:
     patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     in_channels: int = 3
     img_size: int = 256
+
+    def __post_init__(self):
+        check(self)
 
     @property
     def downsample(self) -> int:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check
 from ..registry import register_family, register_preset
 from .codebook import VQOutput
 from .conv import Decoder, Encoder
@@ -32,6 +33,9 @@ class VQConfig:
     beta: float = 0.25
     in_channels: int = 1
     img_size: int = 32
+
+    def __post_init__(self):
+        check(self)
 
     @property
     def downsample(self) -> int:

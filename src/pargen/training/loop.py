@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .. import checkpoint, distributed
-from ..config import to_dict
+from ..config import check, to_dict
 from ..data import ImageData
 from ..errors import PargenError
 from ..rng import SampleRNG, step_seeds
@@ -42,8 +42,7 @@ class TrainConfig:
     log_every: int = 25
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise PargenError(f"steps and batch_size must be positive (got {self.steps}, {self.batch_size})")
+        check(self, zero_ok=("warmup",))
         if self.schedule not in ("cosine", "constant"):
             raise PargenError(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
         if not 0 <= self.ema < 1:
@@ -92,11 +91,22 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
         if out is None:
             raise PargenError("resume needs the checkpoint path")
         state = checkpoint.load_state_file(out)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+        where = f"training state {checkpoint.stem(out)}.state.pt"
+        missing = [k for k in STATE_KEYS if k not in state or (k == "ema" and ema is not None and state[k] is None)]
+        if missing:
+            raise PargenError(f"{where} lacks {', '.join(missing)}; it cannot be resumed")
+        checkpoint.load_state(model, state["model"], where)
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise PargenError(f"{where}: the optimizer state does not fit this model ({e})") from None
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            checkpoint.load_state(ema, state["ema"], where + " (EMA)")
         start, losses = int(state["step"]), list(state["losses"])
+        step = checkpoint.read_meta(out).get("step")
+        if step != start and rank == 0:  # the state is written first and the description last: a write was cut in between
+            print(f"resume: {checkpoint.stem(out)}.json says step {step}, the training state step {start} (an "
+                  "interrupted save); continuing from the training state, the next save rewrites all three")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     meta = {**(meta or {}), "train": to_dict(cfg)}
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
@@ -151,7 +161,13 @@ def _steps(bar, cfg, data, model, net, opt, ema, loss_fn, losses, rank, world, d
             _save(out, model, ema, opt, done, losses, meta)
 
 
+STATE_KEYS = ("model", "optimizer", "ema", "step", "losses")
+
+
 def _save(out, model, ema, opt, step, losses, meta) -> None:
-    checkpoint.save(out, ema if ema is not None else model, {**meta, "step": step})
+    """Training state, then weights, then the JSON description, each stamped with the step: the description is
+    the manifest written last, so a save cut short is detected (`checkpoint.load` refuses weights of another
+    step; resume continues from the training state, which is complete by then)."""
     checkpoint.save_state(out, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "ema": None if ema is None else ema.state_dict(), "step": step, "losses": losses})
+    checkpoint.save(out, ema if ema is not None else model, {**meta, "step": step})
