@@ -68,6 +68,11 @@ def workspace(tmp: Path, trained: Path) -> dict[str, str]:
     meta = json.loads(Path(f"{cut}.json").read_text())
     Path(f"{cut}.json").write_text(json.dumps({**meta, "step": 1}))
     w["interrupted"] = str(cut)
+    nanw = copy_run(trained, tmp / "nanweights")  # a model that returns NaN
+    state = load_file(f"{nanw}.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+              f"{nanw}.safetensors", metadata={"step": "2"})
+    w["nanweights"] = str(nanw)
     trunc = copy_run(trained, tmp / "trunc")
     data = Path(f"{trunc}.safetensors").read_bytes()
     Path(f"{trunc}.safetensors").write_bytes(data[: len(data) // 2])
@@ -115,6 +120,7 @@ CASES = [
     (S + " --cfg nan", "expected a finite non-negative number, got nan"),
     ("sample denoiser-mnist -n 1 --eta inf --out {tmp}/s.png", "expected a finite non-negative number"),
     ("train tarflow-tiny --data digits --lr inf --out {tmp}/r", "expected a finite non-negative number"),
+    ("sample {nanweights} -n 2 --seed 5 --out {tmp}/s.png --npz {tmp}/s.npz", "non-finite pixels (first at seed 5)"),
     ("sample {nan} -n 1 --out {tmp}/s.png", "noise_std must be a finite non-negative number, not nan"),
     ("sample {negwidth} -n 1 --out {tmp}/s.png", "width must be a positive integer, not -64"),
     ("sample {headdim} -n 1 --out {tmp}/s.png", "width 64 is not a multiple of head_dim 48"),

@@ -113,3 +113,15 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         # key biases have zero true gradient; Adam turns their reduction-order noise into ~1e-5 steps
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4, msg=n)
+
+
+def test_under_torchrun_only_rank_0_reports_and_writes(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={free_port()}", "-m", "pargen", "train", "tarflow-tiny", "--data", "digits",
+                        "--steps", "2", "--batch-size", "4", "--out", str(out), "--export-fp16", str(tmp_path / "h")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("training tarflow-tiny") == 1 and r.stdout.count("done: 2 steps") == 1, r.stdout
+    assert r.stdout.count("fp16 export") == 1
+    assert checkpoint.read_meta(out)["step"] == 2 and checkpoint.read_meta(tmp_path / "h")["step"] == 2

@@ -484,11 +484,14 @@ def sample(path: str, pipe, seeds: list[int], method: str = "auto", batch_size: 
     these seeds, in batches; `method="auto"` follows the directory's calibration record."""
     from tqdm import tqdm
 
+    from .pipelines import check_finite
+
     st = settings(path, pipe, method, min(batch_size, len(seeds)), steps, guidance, window, tol)
     fast = parallel(pipe, st["method"], st["window"], st["tol"])
     imgs, costs = [], []
     for i in tqdm(range(0, len(seeds), batch_size), desc="sample", leave=False, disable=len(seeds) <= batch_size):
         imgs.append(images(fast(**call_args(pipe, seeds[i: i + batch_size], labels, prompt, steps, guidance))))
+        check_finite(imgs[-1], seeds[i: i + batch_size], f"{type(pipe).__name__} ({st['method']})")
         costs.append(fast.cost)
     how = "sequential (the pipeline's own loop)" if st["method"] == "sequential" else \
         f"Picard (window {st['window']}, tol {st['tol']:g}{', calibrated' if st['calibrated'] else ''})"

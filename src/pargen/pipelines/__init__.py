@@ -81,6 +81,15 @@ def seed_list(seeds: int | Iterable[int]) -> list[int]:
     return out
 
 
+def check_finite(images: Tensor, seeds: list[int], sampler: str) -> None:
+    """Refuse a batch with a NaN or infinite pixel (before anything is written), naming the first bad seed."""
+    finite = torch.isfinite(images.flatten(1)).all(1)
+    if not bool(finite.all()):
+        bad = seeds[int((~finite).nonzero()[0])]
+        raise PargenError(f"{sampler} returned non-finite pixels (first at seed {bad}); check the settings "
+                          "(guidance, temperature, tolerance)")
+
+
 def share_seeds(seeds: list[int]) -> list[int]:
     """This torchrun rank's share of the seeds (all of them in one process); an error if some rank gets none."""
     _, world = distributed.world()
@@ -207,11 +216,7 @@ class Pipeline:
                       dynamic_ncols=True, leave=False):
             s = my_seeds[i: i + batch_size]
             x, c = self.run(s, None if my_y is None else my_y[i: i + batch_size], st, progress if lead else False)
-            finite = torch.isfinite(x.flatten(1)).all(1)
-            if not bool(finite.all()):
-                bad = s[int((~finite).nonzero()[0])]
-                raise PargenError(f"{self.name}: the {st.describe()} sampler returned non-finite pixels (first "
-                                  f"at seed {bad}); check the settings (guidance, temperature, tolerance)")
+            check_finite(x, s, f"{self.name}: the {st.describe()} sampler")
             imgs.append(x.float().clamp(0, 1).cpu())
             costs.append(c)
         images = torch.cat(imgs)
