@@ -108,3 +108,15 @@ def test_bundled_mnist_classifier_accuracy():
     model, meta = checkpoint.load(checkpoint.resolve("classifier-mnist"))
     assert accuracy(model, data.load("mnist", "test")) >= 0.99
     assert meta["recipe"].startswith("pargen train classifier-mnist")
+
+
+def test_every_model_config_is_validated():
+    import dataclasses
+
+    registry._ensure_loaded()
+    for name, cls in registry.FAMILIES.items():
+        cfg = cls.Config()
+        for f in dataclasses.fields(cfg):
+            bad = {"int": -1, "float": float("nan"), "bool": "yes", "str": 3}.get(str(f.type), (0,))
+            with pytest.raises(PargenError, match=f"{cls.Config.__name__}.{f.name} must be"):
+                dataclasses.replace(cfg, **{f.name: bad})
