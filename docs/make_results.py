@@ -1,7 +1,8 @@
-"""Regenerate the README's results section from the bench JSON in docs/ (`python docs/make_results.py`).
+"""Regenerate the README's results and claims sections from the JSON in docs/ (`python docs/make_results.py`).
 
-Every figure in the section is read from a `pargen bench ... --json docs/...` file; `--check` exits 1 when the
-README differs from what the files give (the test suite runs it)."""
+Every figure in the results section is read from a `pargen bench ... --json docs/...` file, every figure in the
+claims section from the JSON of a `benchmarks/` script; `--check` exits 1 when the README differs from what the
+files give (the test suite runs it)."""
 from __future__ import annotations
 
 import argparse
@@ -160,6 +161,73 @@ def section(docs: Path = DOCS) -> str:
                       END])
 
 
+CLAIMS_START, CLAIMS_END = "<!-- claims:start -->", "<!-- claims:end -->"
+
+
+def _fit(f: dict, key: str = "pearson_r") -> str:
+    return f"slope {f['exponent']:.3f}, " + (f"r = {f[key]:.4f}" if key == "pearson_r" else f"R^2 = {f[key]:.3f}")
+
+
+def claims_section(docs: Path = DOCS) -> str:
+    """The papers' claims beside pargen's measurements, from the JSON of the `benchmarks/` scripts."""
+    rows = []
+    path = docs / "picard_dimension.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        for kind, s in doc["samplers"].items():
+            a, b = s["rows"][0], s["rows"][-1]
+            name = {"ode": "probability-flow ODE, Heun", "ddim": "probability-flow ODE, Euler (DDIM)"}.get(kind, kind)
+            rows.append(
+                f"| Picard rounds are poly-log in d (arXiv 2405.15986), {name} | O~(poly log d) rounds; "
+                f"sequential poly(d) | d = {a['d']} -> {b['d']:,} at KL <= {doc['kl_target']:g}: sequential "
+                f"{a['sequential_calls']} -> {b['sequential_calls']:,} calls (~ d^"
+                f"{s['fit_sequential_calls_vs_d']['exponent']:.2f}); block Picard ({doc['blocks']} blocks) "
+                f"{a['picard_rounds']} -> {b['picard_rounds']} rounds (~ (ln d)^"
+                f"{s['fit_picard_rounds_vs_log_d']['exponent']:.2f}, R^2 "
+                f"{s['fit_picard_rounds_vs_log_d']['r2']:.2f}) | `picard_dimension.json` |")
+    path = docs / "var_scaling.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        rs = doc["rows"]
+        rows.append(
+            f"| VAR test loss is a power law in parameters (arXiv 2404.02905) | r = "
+            f"{doc['paper']['pearson_r_loss_vs_params']} (log loss vs log N) | depths "
+            f"{', '.join(str(r['depth']) for r in rs)} ({rs[0]['non_embedding_params'] / 1e6:.2f}M -> "
+            f"{rs[-1]['non_embedding_params'] / 1e6:.2f}M), {doc['steps']} steps x {doc['batch_size']}: loss vs N "
+            f"{_fit(doc['fit_test_loss_vs_params'])}; vs compute {_fit(doc['fit_test_loss_vs_compute'])}; token "
+            f"error vs N {_fit(doc['fit_token_error_vs_params'])} | `var_scaling.json` |")
+    path = docs / "lowrank_threshold.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        turns = [c["turn_rho"] for c in doc["curves"] if c["turn_rho"] is not None]
+        cs = doc["curves"]
+        layers = ""
+        for m in sorted({r["model"] for r in doc["layers"]}):
+            rho = [r["rho"] for r in doc["layers"] if r["model"] == m]
+            span = f"{min(rho):.2f}" + (f"-{max(rho):.2f}" if f"{max(rho):.2f}" != f"{min(rho):.2f}" else "")
+            layers += f"; `{m}` layers at rho {span}"
+        rows.append(
+            f"| The low-rank criterion is a threshold (arXiv 2501.04377) | fast iff R = o(sqrt(log n)) | the rank "
+            f"the Taylor degree for error 1/L costs overtakes L at rho = R / sqrt(ln L) = {min(turns):.2f}-"
+            f"{max(turns):.2f} for n = {cs[0]['side']}-{cs[-1]['side']} (L = {cs[0]['tokens']:,}-"
+            f"{cs[-1]['tokens']:,}){layers} | `lowrank_threshold.json` |")
+    path = docs / "bench_tarflow.json"
+    if path.exists():
+        doc = json.loads(path.read_text())
+        recs = doc["speed"] if isinstance(doc, dict) else doc
+        fid = next((r["fid"] for r in recs if r.get("fid") is not None), None)
+        if fid is not None:
+            rows.append(f"| A TarFlow worth sampling (issue 20, part 4) | classifier FID <= 15 | not yet: the bundled "
+                        f"`tarflow-mnist` is at FID {fid:.2f} (retraining within ~60 minutes is still to do) | "
+                        "`bench_tarflow.json` |")
+    head = ["| claim | paper | pargen, measured here | source |", "|---|---|---|---|"]
+    return "\n".join([CLAIMS_START, "", *head, *rows, "", CLAIMS_END])
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str:
+    return text[: text.index(start)] + body + text[text.index(end) + len(end):]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--readme", default=str(DOCS.parent / "README.md"))
@@ -167,21 +235,23 @@ def main() -> int:
     args = p.parse_args()
     readme = Path(args.readme)
     text = readme.read_text()
-    if START not in text or END not in text:
-        print(f"{readme} has no {START} ... {END} block", file=sys.stderr)
-        return 1
+    for start, end in ((START, END), (CLAIMS_START, CLAIMS_END)):
+        if start not in text or end not in text:
+            print(f"{readme} has no {start} ... {end} block", file=sys.stderr)
+            return 1
     try:
-        new = text[: text.index(START)] + section() + text[text.index(END) + len(END):]
+        new = _replace(_replace(text, START, END, section()), CLAIMS_START, CLAIMS_END, claims_section())
     except Noisy as e:
         print(f"refused: {e}", file=sys.stderr)
         return 1
     if args.check:
         if new != text:
-            print(f"{readme}: the results section is out of date; run python docs/make_results.py", file=sys.stderr)
+            print(f"{readme}: the results or claims section is out of date; run python docs/make_results.py",
+                  file=sys.stderr)
             return 1
         return 0
     readme.write_text(new)
-    print(f"results section of {readme} regenerated")
+    print(f"results and claims sections of {readme} regenerated")
     return 0
 
 

@@ -204,6 +204,17 @@ def markdown(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def power_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
+    """Least squares log y = log_prefactor + exponent * log x, with the Pearson r of (log x, log y) and the R^2."""
+    lx = torch.tensor(xs, dtype=torch.float64).log()
+    ly = torch.tensor(ys, dtype=torch.float64).log()
+    cx, cy = lx - lx.mean(), ly - ly.mean()
+    b = (cx * cy).sum() / cx.square().sum()
+    r = (cx * cy).sum() / (cx.square().sum() * cy.square().sum()).sqrt()
+    return {"exponent": b.item(), "log_prefactor": (ly.mean() - b * lx.mean()).item(), "pearson_r": r.item(),
+            "r2": (r * r).item()}
+
+
 def write_json(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..models.var import VAR
 from ..nn import lowrank as LR
-from ..evaluation.bench import median_seconds
+from ..evaluation.bench import median_seconds, power_fit
 from ..nn.attention import KVCache, attend
 
 VAR_SCHEDULE = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR-d16's scales for a 16 x 16 final map
@@ -171,8 +170,8 @@ def time_pyramid(n: int, head_dim: int, spec: LR.PolySpec, repeats: int, seed: i
 
 def fit_exponent(ns: list[int], ts: list[float]) -> tuple[float, float]:
     """Least-squares slope and intercept of log t against log n."""
-    a, b = np.polyfit(np.log(ns), np.log(ts), 1)
-    return float(a), float(b)
+    f = power_fit(ns, ts)
+    return f["exponent"], f["log_prefactor"]
 
 
 def scaling(sides: list[int], head_dim: int, spec: LR.PolySpec, repeats: int, fit_from: int,

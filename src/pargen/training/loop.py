@@ -104,7 +104,7 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
             checkpoint.load_state(ema, state["ema"], where + " (EMA)")
         start, losses = int(state["step"]), list(state["losses"])
         step = checkpoint.read_meta(out).get("step")
-        if step != start and rank == 0:  # the state is written first and the description last: a write was cut in between
+        if step != start and rank == 0:  # state first, description last: a save was cut in between
             print(f"resume: {checkpoint.stem(out)}.json says step {step}, the training state step {start} (an "
                   "interrupted save); continuing from the training state, the next save rewrites all three")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model

@@ -1,0 +1,78 @@
+"""The machinery of the papers'-claims scripts in benchmarks/ (their figures live in docs/, not here)."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_picard_dimension_kl_is_exact_and_full_sweeps_give_the_sequential_answer():
+    P = script("picard_dimension")
+    target = P.Gaussian(d=10, var_min=0.1, classes=4)
+    assert target.count.tolist() == [3, 3, 2, 2] and len(target.var) == 4
+    assert target.kl(target.var.sqrt()) == pytest.approx(0, abs=1e-12)  # alpha = sigma: the target itself
+    r = 1.21  # one coordinate with alpha^2 / sigma^2 = r contributes (r - 1 - ln r) / 2
+    alpha = target.var.sqrt().clone()
+    alpha[0] *= math.sqrt(r)
+    assert target.kl(alpha) == pytest.approx(3 * (r - 1 - math.log(r)) / 2, rel=1e-12)
+    acp = P.vp_alphas(512)
+    for kind in ("ode", "ddim"):
+        seq, calls = P.run_sampler(target, acp, kind, 24)
+        assert calls == (47 if kind == "ode" else 24)  # Heun: two calls a step, one on the last
+        full, _ = P.run_sampler(target, acp, kind, 24, "block", blocks=4, sweeps=6)  # sweeps = block length
+        assert full == pytest.approx(seq, rel=1e-9, abs=1e-15)
+        n = P.fewest_steps(target, acp, kind, 0.01)
+        assert P.run_sampler(target, acp, kind, n)[0] <= 0.01 < P.run_sampler(target, acp, kind, n - 1)[0]
+        k, kl, rounds = P.fewest_sweeps(target, acp, kind, n, 4, 0.02)
+        assert kl <= 0.02 and (k == 1 or P.run_sampler(target, acp, kind, n, "block", 4, k - 1)[0] > 0.02)
+
+
+def test_lowrank_threshold_degree_bound_turn_and_synthetic_heads():
+    T = script("lowrank_threshold")
+    from pargen.nn.lowrank import taylor_bound
+
+    for beta in (0.3, 2.0, 9.0):
+        g = T.degree_needed(beta, 1e-4)
+        assert taylor_bound(g, beta) <= 1e-4 < taylor_bound(g - 1, beta)
+    rows = [{"rho": 0.1, "rank_exponent": 0.5}, {"rho": 0.3, "rank_exponent": 0.9}, {"rho": 0.5, "rank_exponent": 1.3}]
+    assert T.turn(rows) == pytest.approx(0.35)
+    assert T.turn(rows[:2]) is None
+    from pargen.nn.lowrank import PolySpec
+
+    small, beta = T.synthetic_error(4, 0.3, PolySpec(3, "chebyshev"), head_dim=4)
+    assert beta == pytest.approx(0.09)  # entries +-R, logits q.k / d: the bound is exactly R^2
+    large, _ = T.synthetic_error(4, 2.5, PolySpec(3, "chebyshev"), head_dim=4)
+    assert small < 1e-3 < large
+
+
+def test_var_scaling_fit_params_and_evaluation_on_a_tiny_model():
+    V = script("var_scaling")
+    from pargen.evaluation.bench import power_fit
+
+    f = power_fit([1e3, 1e4, 1e5], [2.0 * x ** -0.25 for x in (1e3, 1e4, 1e5)])
+    assert f["exponent"] == pytest.approx(-0.25) and f["log_prefactor"] == pytest.approx(math.log(2))
+    assert f["pearson_r"] == pytest.approx(-1.0) and f["r2"] == pytest.approx(1.0)
+    g = power_fit([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0])  # scattered: |r| < 1, R^2 = r^2
+    assert abs(g["pearson_r"]) < 1 and g["r2"] == pytest.approx(g["pearson_r"] ** 2)
+    from pargen import data, registry
+    from pargen.pipelines import tokenizer_for
+
+    cfg = V.model_config(1, 16)
+    assert (cfg.depth, cfg.C, cfg.H) == (1, 16, 1)
+    torch.manual_seed(0)
+    model = registry.build("var", cfg)
+    n = V.non_embedding_params(model)
+    assert 0 < n < sum(p.numel() for p in model.parameters())
+    tok = tokenizer_for("msvq-mnist", cfg, "cpu")
+    loss, err = V.evaluate(model, tok, data.load("mnist", "test", 32), 8, batch=4)
+    assert 0 < loss < 2 * math.log(cfg.vocab_size) and 0 < err <= 1
