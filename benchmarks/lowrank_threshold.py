@@ -30,23 +30,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pargen.evaluation.lowrank import pyramid
+from pargen.evaluation.bench import write_json
+from pargen.evaluation.lowrank import block_mask, pyramid
 from pargen.nn import lowrank as LR
 
 TARGET = "1/L"  # per-entry relative error the degree must reach (the analysis' 1/poly(n))
 
 
-def block_mask(blocks: list[int]) -> torch.Tensor:
-    ids = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))
-    return ids[:, None] >= ids[None, :]
-
-
 def degree_needed(beta: float, eps: float) -> int:
-    """Smallest degree g whose Taylor polynomial of exp has relative error at most eps on [-beta, beta], by the
-    bound e^{2 beta} beta^{g+1} / (g+1)! of `nn.lowrank.taylor_bound` taken in logs (exact arithmetic: a float64
-    polynomial cannot even represent a 1/L relative error at -beta once e^{2 beta} exceeds 1e16)."""
+    """Smallest degree g whose Taylor polynomial of exp has relative error at most eps on [-beta, beta], by its
+    bound (`nn.lowrank.taylor_bound`; a float64 polynomial cannot even represent a 1/L relative error at -beta
+    once e^{2 beta} exceeds 1e16, so the bound, not a measurement, decides)."""
     g = 1
-    while 2 * beta + (g + 1) * math.log(max(beta, 1e-300)) - math.lgamma(g + 2) > math.log(eps):
+    while LR.taylor_bound(g, beta) > eps:
         g += 1
     return g
 
@@ -197,7 +193,7 @@ def main() -> None:
     args = p.parse_args()
     res = json.loads(Path(args.source).read_text()) if args.source else run(args)
     if args.json and not args.source:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        write_json(res, args.json)
         print(f"json: {args.json}")
     if args.plot:
         plot(res, args.plot)

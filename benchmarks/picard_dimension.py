@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from pargen.evaluation.bench import power_fit
+from pargen.evaluation.bench import power_fit, write_json
 from pargen.samplers import diffusion as D
 
 
@@ -179,7 +179,7 @@ def main() -> None:
     args = p.parse_args()
     res = json.loads(Path(args.source).read_text()) if args.source else run(args)
     if args.json and not args.source:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        write_json(res, args.json)
         print(f"json: {args.json}")
     if args.plot:
         plot(res, args.plot)

@@ -27,7 +27,7 @@ import torch
 from pargen import checkpoint, data, registry
 from pargen.pipelines import tokenizer_for
 from pargen.training.loop import TrainConfig, train
-from pargen.evaluation.bench import power_fit
+from pargen.evaluation.bench import power_fit, write_json
 from pargen.training.losses import var_loss
 
 
@@ -162,7 +162,7 @@ def main() -> None:
                 f = res[f"fit_{key}_vs_{x}"]
                 print(f"{key} vs {x}: exponent {f['exponent']:.4f}, Pearson r {f['pearson_r']:.4f}")
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+            write_json(res, args.json)
             print(f"json: {args.json}")
     if args.plot:
         plot(res, args.plot)

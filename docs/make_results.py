@@ -79,36 +79,40 @@ def speed_rows(records: list[dict], model: str, source: str) -> list[str]:
     return rows
 
 
+def _doc(docs: Path, name: str):
+    """The parsed JSON docs/NAME, or None when that file has not been made."""
+    path = docs / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def quality_lines(docs: Path) -> list[str]:
     lines = ["| measure | baseline | pargen | source |", "|---|---|---|---|"]
     for name, label in [("bench_ctf.json", "K = 64"), ("bench_ctf_k16.json", "K = 16"),
                         ("bench_ctf_k256.json", "K = 256"),
                         ("bench_ctf_random_clusters.json", "random clusters")]:
-        path = docs / name
-        if path.exists():
-            b = json.loads(path.read_text())["best"]
+        doc = _doc(docs, name)
+        if doc is not None:
+            b = doc["best"]
             lines.append(f"| FID / IS, raster AR vs coarse-to-fine ({label}), best guidance | "
                          f"{b['raster']['fid']:.2f} / {b['raster']['is']:.2f} (guidance {b['raster']['guidance']:g}) | "
                          f"{b['ctf']['fid']:.2f} / {b['ctf']['is']:.2f} (guidance {b['ctf']['guidance']:g}) | "
                          f"`{name}` |")
-    path = docs / "bench_ctf.json"
-    if path.exists():
-        sjd = {r["model"]: r for r in json.loads(path.read_text())["sjd"]}
-        for m, seq in json.loads(path.read_text())["best"].items():
+    doc = _doc(docs, "bench_ctf.json")
+    if doc is not None:
+        sjd = {r["model"]: r for r in doc["sjd"]}
+        for m, seq in doc["best"].items():
             if m in sjd:
                 lines.append(f"| FID, {m} sequential vs speculative Jacobi decoding | {seq['fid']:.2f} | "
                              f"{sjd[m]['fid']:.2f} | `bench_ctf.json` |")
-    path = docs / "bench_ctf_codebook.json"
-    if path.exists():
-        recs = json.loads(path.read_text())
+    recs = _doc(docs, "bench_ctf_codebook.json")
+    if recs is not None:
         for V in sorted({r["vocab"] for r in recs}):
             sp = {r["batch"]: r["speedup"] for r in recs if r["vocab"] == V and r["method"] == "ctf"}
             lines.append(f"| CTF sampling speed-up over raster AR, codebook V = {V} (bundled widths, random weights, "
                          f"tokens only), batch {' / '.join(map(str, sp))} | 1x | "
                          f"{' / '.join(f'{v:.2f}x' for v in sp.values())} | `bench_ctf_codebook.json` |")
-    path = docs / "bench_lowrank.json"
-    if path.exists():
-        lr = json.loads(path.read_text())
+    lr = _doc(docs, "bench_lowrank.json")
+    if lr is not None:
         m = lr["model"]
         lines += [f"| VAR attention cost exponent in the final side n (n = {lr['fit_from']}..{lr['rows'][-1]['n']}) | "
                   f"{lr['exponent_exact_s']:.2f} (exact) | {lr['exponent_lowrank_s']:.2f} (low-rank, "
@@ -122,10 +126,9 @@ def quality_lines(docs: Path) -> list[str]:
 
 def peer_lines(docs: Path) -> list[str]:
     """pargen.diffusers against diffusers' StableDiffusionParadigmsPipeline (benchmarks/diffusers_peer.py)."""
-    path = docs / "bench_diffusers_peer.json"
-    if not path.exists():
+    recs = _doc(docs, "bench_diffusers_peer.json")
+    if recs is None:
         return []
-    recs = json.loads(path.read_text())
     bad = [r["method"] for r in recs if r.get("noisy")]
     if bad:
         raise Noisy(f"bench_diffusers_peer.json: {', '.join(sorted(set(bad)))} measured on a noisy machine")
@@ -146,9 +149,8 @@ def section(docs: Path = DOCS) -> str:
             "FID base / fast | source |", "|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for name, model in SPEED:
-        path = docs / name
-        if path.exists():
-            doc = json.loads(path.read_text())
+        doc = _doc(docs, name)
+        if doc is not None:
             rows += speed_rows(doc["speed"] if isinstance(doc, dict) else doc, model, name)
     note = ("Per group, the fastest method with the same output (within 2e-3 max abs error of the baseline's; "
             "else the fastest with an error), then the others. Speed-up = the median over repeats of the pair ratio "
@@ -171,9 +173,8 @@ def _fit(f: dict, key: str = "pearson_r") -> str:
 def claims_section(docs: Path = DOCS) -> str:
     """The papers' claims beside pargen's measurements, from the JSON of the `benchmarks/` scripts."""
     rows = []
-    path = docs / "picard_dimension.json"
-    if path.exists():
-        doc = json.loads(path.read_text())
+    doc = _doc(docs, "picard_dimension.json")
+    if doc is not None:
         for kind, s in doc["samplers"].items():
             a, b = s["rows"][0], s["rows"][-1]
             name = {"ode": "probability-flow ODE, Heun", "ddim": "probability-flow ODE, Euler (DDIM)"}.get(kind, kind)
@@ -185,9 +186,8 @@ def claims_section(docs: Path = DOCS) -> str:
                 f"{a['picard_rounds']} -> {b['picard_rounds']} rounds (~ (ln d)^"
                 f"{s['fit_picard_rounds_vs_log_d']['exponent']:.2f}, R^2 "
                 f"{s['fit_picard_rounds_vs_log_d']['r2']:.2f}) | `picard_dimension.json` |")
-    path = docs / "var_scaling.json"
-    if path.exists():
-        doc = json.loads(path.read_text())
+    doc = _doc(docs, "var_scaling.json")
+    if doc is not None:
         rs = doc["rows"]
         rows.append(
             f"| VAR test loss is a power law in parameters (arXiv 2404.02905) | r = "
@@ -196,9 +196,8 @@ def claims_section(docs: Path = DOCS) -> str:
             f"{rs[-1]['non_embedding_params'] / 1e6:.2f}M), {doc['steps']} steps x {doc['batch_size']}: loss vs N "
             f"{_fit(doc['fit_test_loss_vs_params'])}; vs compute {_fit(doc['fit_test_loss_vs_compute'])}; token "
             f"error vs N {_fit(doc['fit_token_error_vs_params'])} | `var_scaling.json` |")
-    path = docs / "lowrank_threshold.json"
-    if path.exists():
-        doc = json.loads(path.read_text())
+    doc = _doc(docs, "lowrank_threshold.json")
+    if doc is not None:
         turns = [c["turn_rho"] for c in doc["curves"] if c["turn_rho"] is not None]
         cs = doc["curves"]
         layers = ""
@@ -211,9 +210,8 @@ def claims_section(docs: Path = DOCS) -> str:
             f"the Taylor degree for error 1/L costs overtakes L at rho = R / sqrt(ln L) = {min(turns):.2f}-"
             f"{max(turns):.2f} for n = {cs[0]['side']}-{cs[-1]['side']} (L = {cs[0]['tokens']:,}-"
             f"{cs[-1]['tokens']:,}){layers} | `lowrank_threshold.json` |")
-    path = docs / "bench_tarflow.json"
-    if path.exists():
-        doc = json.loads(path.read_text())
+    doc = _doc(docs, "bench_tarflow.json")
+    if doc is not None:
         recs = doc["speed"] if isinstance(doc, dict) else doc
         fid = next((r["fid"] for r in recs if r.get("fid") is not None), None)
         if fid is not None:

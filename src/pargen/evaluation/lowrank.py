@@ -31,6 +31,13 @@ def parse_layers(spec: str | None) -> list[int] | None:
         raise ValueError(f"--lowrank-layers takes 'all' or layer numbers like 0,2,3, not {spec!r}") from None
 
 
+def block_mask(blocks: list[int]) -> torch.Tensor:
+    """VAR's block-causal mask (N, N) for scales of these token counts: True where a token sees a key (its own
+    and every coarser scale)."""
+    ids = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))
+    return ids[:, None] >= ids[None, :]
+
+
 @torch.no_grad()
 def attention_inputs(var: VAR, labels: torch.Tensor, inputs: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """(q, k, v) of every layer (B, H, L, Dh) on a teacher-forced exact forward pass."""
@@ -61,8 +68,7 @@ def analyze(var: VAR, tok, images: torch.Tensor, labels: torch.Tensor, specs: li
     c = var.config
     n = c.patch_nums[-1]
     blocks = [p * p for p in c.patch_nums]
-    ids = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))
-    mask = ids[:, None] >= ids[None, :]
+    mask = block_mask(blocks)
     layers = []
     for li, (q, k, v) in enumerate(attention_inputs(var, labels, inputs)):
         scale = var.blocks[li].attn.scale

@@ -75,8 +75,12 @@ def exp_poly_error(spec: PolySpec, beta: float) -> float:
 
 
 def taylor_bound(degree: int, beta: float) -> float:
-    """The textbook relative-error bound of the degree-g Taylor polynomial of exp on [-beta, beta]."""
-    return math.exp(2 * beta) * beta ** (degree + 1) / math.factorial(degree + 1)
+    """The textbook relative-error bound e^{2 beta} beta^{g+1} / (g+1)! of the degree-g Taylor polynomial of exp on
+    [-beta, beta], taken in logs so that high degrees and wide intervals neither overflow nor round to garbage."""
+    if beta <= 0:
+        return 0.0
+    log_bound = 2 * beta + (degree + 1) * math.log(beta) - math.lgamma(degree + 2)
+    return math.inf if log_bound > 709 else math.exp(log_bound)
 
 
 @functools.lru_cache(maxsize=None)
