@@ -37,6 +37,34 @@ def test_picard_dimension_kl_is_exact_and_full_sweeps_give_the_sequential_answer
         assert kl <= 0.02 and (k == 1 or P.run_sampler(target, acp, kind, n, "block", 4, k - 1)[0] > 0.02)
 
 
+def test_picard_dimension_sde_variance_probes_are_exact():
+    """The DDPM sampler's output variance from probes of its linear map equals the one-line recursion
+    (sequential), equals the sequential one with full sweeps, and predicts a random run by linearity."""
+    P = script("picard_dimension")
+    from pargen.samplers import diffusion as D
+
+    target, acp, n = P.Gaussian(d=10, var_min=0.1, classes=4), P.vp_alphas(1024), 24
+    eps, steps = target.eps(acp), D.make_steps(acp, n, "ddpm")
+    seq, calls = P.sde_variance(eps, steps, 4, chunk=5, method="sequential")
+    assert calls == n and torch.allclose(seq, P.sde_variance_recursion(target, acp, n), rtol=1e-12, atol=0)
+    block = {"method": "block", "block": 6, "tol": 0.0}
+    full, _ = P.sde_variance(eps, steps, 4, **block, sweeps=6)
+    assert torch.allclose(full, seq, rtol=1e-12, atol=0)
+    two, rounds = P.sde_variance(eps, steps, 4, chunk=7, **block, sweeps=2)
+    assert rounds == 8 and (two - seq).abs().max() > 1e-3  # 4 blocks x 2 sweeps: not the sequential answer yet
+    x_T, noise = D.draw(list(range(3)), (4,), steps, dtype=torch.float64)
+    out = D.sample(eps, x_T, steps, noise=noise, **block, sweeps=2).x
+    gain = D.sample(eps, torch.ones(1, 4, dtype=torch.float64), steps,
+                    noise=torch.zeros(1, n, 4, dtype=torch.float64), **block, sweeps=2).x[0]
+    unit = torch.zeros(n, n, 4, dtype=torch.float64)
+    unit[torch.arange(n), torch.arange(n)] = 1.0
+    c = D.sample(eps, torch.zeros(n, 4, dtype=torch.float64), steps, noise=unit, **block, sweeps=2).x  # (N, 4)
+    assert torch.allclose(gain * x_T + torch.einsum("bkg,kg->bg", noise, c), out, rtol=0, atol=1e-12)
+    assert torch.allclose(gain.square() + (c * steps.s.view(-1, 1)).square().sum(0), two, rtol=1e-12, atol=0)
+    assert P.kl_of(target, acp, "ddpm", n) == pytest.approx(target.kl_var(seq), rel=1e-10)
+    assert P.run_sampler(target, acp, "ddpm", n, "block", 4, 2) == (pytest.approx(target.kl_var(two)), 8)
+
+
 def test_lowrank_threshold_degree_bound_turn_and_synthetic_heads():
     T = script("lowrank_threshold")
     from pargen.nn.lowrank import taylor_bound

@@ -95,6 +95,22 @@ def test_tarflow_auto_without_a_plan_is_sequential_and_with_one_follows_it(tmp_p
     assert st.method == "gs-jacobi" and isinstance(st.plan, list) and len(st.plan) == len(model.blocks)
 
 
+def test_tarflow_temperature_scales_the_prior_noise_and_is_a_checkpoint_default(tmp_path):
+    from pargen.samplers import flow
+
+    pipe = pargen.load("tarflow-mnist")
+    out = pipe.sample([1, 2], method="sequential", temperature=0.5, denoise=False, cfg=0.0)
+    y = pipe.labels([1, 2])
+    want = flow.sample(pipe.model, 0.5 * flow.noise(pipe.model, [1, 2]), y).x.add(1).mul(0.5).clamp(0, 1)
+    assert torch.equal(out.images, want) and "temperature 0.5" in out.description
+    assert "temperature" not in pipe.sample([1], method="sequential").description
+    model, meta = checkpoint.load(checkpoint.resolve("tarflow-mnist"))
+    meta = {k: v for k, v in meta.items() if k not in ("family", "config")}
+    own = checkpoint.save(tmp_path / "flow", model, {**meta, "sample_defaults": {"temperature": 0.5}})
+    again = pargen.load(own).sample([1, 2], method="sequential", denoise=False, cfg=0.0)
+    assert torch.equal(again.images, out.images) and again.settings["temperature"] == 0.5
+
+
 def test_calibration_records_of_bundled_checkpoints_go_to_the_user_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("PARGEN_HOME", str(tmp_path / "home"))
     bundled = checkpoint.resolve("tarflow-mnist")

@@ -157,3 +157,26 @@ def test_bad_noise_shape_and_plans():
         flow.BlockPlan(init="ones")
     with pytest.raises(ValueError):
         flow.sample(model, torch.randn(1, 16, 4), plan=[flow.JACOBI] * 3)
+
+
+def test_bits_per_dim_of_the_identity_flow_in_both_conventions():
+    """With every block the identity (z = x, log-det 0) bits/dim is the standard normal's NLL of the evaluated
+    data in 8-bit units: uniform dequantisation, or the training noise added."""
+    from pargen.data import ImageData
+    from pargen.evaluation.metrics import bits_per_dim
+
+    model = registry.create("tarflow-tiny")
+    for blk in model.blocks:
+        torch.nn.init.zeros_(blk.proj_out.bias)
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    data = ImageData(images, torch.arange(6) % 10, 10, "random")
+
+    def nll_bits(x):
+        return float(((0.5 * x.pow(2) + 0.5 * math.log(2 * math.pi) + math.log(128)) / math.log(2)).mean())
+
+    gen = torch.Generator().manual_seed(3)
+    uniform = (images.float() + torch.rand(images.shape, generator=gen)) / 256 * 2 - 1
+    assert bits_per_dim(model, data, batch=4, seed=3) == pytest.approx(nll_bits(uniform), rel=1e-5)
+    gen = torch.Generator().manual_seed(3)
+    noisy = images.float() / 127.5 - 1 + 0.2 * torch.randn(images.shape, generator=gen)
+    assert bits_per_dim(model, data, batch=6, seed=3, noise_std=0.2) == pytest.approx(nll_bits(noisy), rel=1e-5)

@@ -25,14 +25,21 @@ def accuracy(model: nn.Module, data: ImageData, batch: int = 500) -> float:
 
 
 @torch.inference_mode()
-def bits_per_dim(model, data: ImageData, n: int | None = None, batch: int = 250, seed: int = 0) -> float:
-    """Exact test bits/dim of a TarFlow with uniform dequantisation (ml-tarflow `evaluate_bpd.py`)."""
+def bits_per_dim(model, data: ImageData, n: int | None = None, batch: int = 250, seed: int = 0,
+                 noise_std: float | None = None) -> float:
+    """Exact test bits/dim of a TarFlow: of the 8-bit data under uniform dequantisation (ml-tarflow
+    `evaluate_bpd.py`, the usual convention), or with `noise_std` of the data with Gaussian noise of that std
+    added (in [-1, 1]), the distribution a noise-augmented model is trained on; both in 8-bit units (the density
+    on [0, 256))."""
     gen = torch.Generator().manual_seed(seed)
     n = len(data) if n is None else min(n, len(data))
     total, count = 0.0, 0
     for i in range(0, n, batch):
         xi = data.images[i: min(i + batch, n)].float()
-        x = (xi + torch.rand(xi.shape, generator=gen)) / 256 * 2 - 1
+        if noise_std is None:
+            x = (xi + torch.rand(xi.shape, generator=gen)) / 256 * 2 - 1
+        else:
+            x = xi / 127.5 - 1 + noise_std * torch.randn(xi.shape, generator=gen)
         y = None if data.labels is None or not model.config.num_classes else data.labels[i: i + len(xi)]
         out = model(x, y)
         D = out.z[0].numel()

@@ -2,6 +2,7 @@
 the denoising step, calibration of the plan (CRM / IGM, timed per block, verified end to end) and the bench."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -28,18 +29,20 @@ class FlowSettings:
     guidance: flow.Guidance
     denoise: bool = True
     source: str = ""  # where the plan came from
+    temperature: float = 1.0  # the prior noise is drawn with this std (1: the model's own distribution)
 
     def describe(self) -> str:
         what = {"sequential": "sequential (KV cache)", "jacobi": "jacobi"}.get(self.method, self.source)
-        return f"{what}, tol {self.tol:g}, guidance {self.guidance.scale:g}" + ("" if self.denoise else
-                                                                               ", no denoising step")
+        return (f"{what}, tol {self.tol:g}, guidance {self.guidance.scale:g}"
+                + ("" if self.temperature == 1 else f", temperature {self.temperature:g}")
+                + ("" if self.denoise else ", no denoising step"))
 
 
 @family("tarflow")
 class TarFlowPipeline(Pipeline):
     family = "tarflow"
     methods = ("auto", "sequential", "jacobi", "gs-jacobi")
-    options = ("tol", "segments", "cfg", "annealed", "attn_temp", "denoise")
+    options = ("tol", "segments", "cfg", "annealed", "attn_temp", "denoise", "temperature")
 
     def guidance(self, cfg: float | None = None, annealed: bool | None = None,
                  attn_temp: float | None = None) -> flow.Guidance:
@@ -48,12 +51,21 @@ class TarFlowPipeline(Pipeline):
                              annealed=d.get("annealed", False) if annealed is None else annealed,
                              attn_temp=d.get("attn_temp", 1.0) if attn_temp is None else attn_temp)
 
+    def temperature(self, t: float | None = None) -> float:
+        return self.defaults.get("temperature", 1.0) if t is None else t
+
     def settings(self, method: str = "auto", batch: int = 1, tol: float | None = None, segments: int | None = None,
                  cfg: float | None = None, annealed: bool | None = None, attn_temp: float | None = None,
-                 denoise: bool | None = None) -> FlowSettings:
+                 denoise: bool | None = None, temperature: float | None = None) -> FlowSettings:
         """`auto`: the calibrated plan for the batch size nearest `batch` (`pargen calibrate tarflow`); the
-        sequential sampler where the checkpoint has none."""
+        sequential sampler where the checkpoint has none. `temperature` scales the prior noise (default: the
+        checkpoint's, else 1)."""
         self.check(method, {})
+        st = self._settings(method, batch, tol, segments, cfg, annealed, attn_temp, denoise)
+        t = self.temperature(temperature)
+        return st if t == 1 else dataclasses.replace(st, temperature=t)
+
+    def _settings(self, method, batch, tol, segments, cfg, annealed, attn_temp, denoise) -> FlowSettings:
         g = self.guidance(cfg, annealed, attn_temp)
         dn = True if denoise is None else denoise
         if method == "sequential":
@@ -70,12 +82,16 @@ class TarFlowPipeline(Pipeline):
         plans, ptol = found
         return FlowSettings("gs-jacobi", plans, ptol if tol is None else tol, g, dn, "gs-jacobi (calibrated plan)")
 
-    def noise(self, seeds: list[int]) -> Tensor:
-        return flow.noise(self.model, seeds, self.device)
+    def noise(self, seeds: list[int], temperature: float | None = None) -> Tensor:
+        """The latent noise of these seeds at `temperature` (default: the checkpoint's)."""
+        t = self.temperature(temperature)
+        z = flow.noise(self.model, seeds, self.device)
+        return z if t == 1 else z * t
 
     def run(self, seeds: list[int], labels: Tensor | None, st: FlowSettings, progress: bool | None = None
             ) -> tuple[Tensor, dict[str, Any]]:
-        res = flow.sample(self.model, self.noise(seeds), labels, plan=st.plan, tol=st.tol, guidance=st.guidance)
+        res = flow.sample(self.model, self.noise(seeds, st.temperature), labels, plan=st.plan, tol=st.tol,
+                          guidance=st.guidance)
         x = flow.denoise(self.model, res.x, labels) if st.denoise else res.x
         return x.add(1).mul(0.5), cost(res)
 
