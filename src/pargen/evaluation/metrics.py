@@ -39,7 +39,7 @@ def bits_per_dim(model, data: ImageData, n: int | None = None, batch: int = 250,
         if noise_std is None:
             x = (xi + torch.rand(xi.shape, generator=gen)) / 256 * 2 - 1
         else:
-            x = xi / 127.5 - 1 + noise_std * torch.randn(xi.shape, generator=gen)
+            x = data.float(slice(i, i + len(xi))) + noise_std * torch.randn(xi.shape, generator=gen)
         y = None if data.labels is None or not model.config.num_classes else data.labels[i: i + len(xi)]
         out = model(x, y)
         D = out.z[0].numel()
