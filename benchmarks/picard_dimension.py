@@ -1,4 +1,4 @@
-"""Parallel Picard rounds against the dimension d, on a Gaussian target whose score is known exactly.
+"""Parallel Picard rounds against the dimension d, on a Gaussian and a Gaussian mixture whose scores are exact.
 
 Chen, Ren, Ying and Rotskoff (arXiv 2405.15986) prove that block Picard sampling needs poly-logarithmically many
 sequential rounds in d, where a sequential sampler needs a number of steps polynomial in d. Here no network
@@ -18,8 +18,16 @@ in time, as in the paper), with the fewest sweeps K per block that bring the KL 
 `pargen calibrate` searches its tolerance). Rounds are sequential model calls (Heun: two per step). Fits:
 N = c d^a, and rounds = c (ln d)^b beside rounds = c d^a.
 
+The mixture (`Mixture`: d copies of a two-mode 1-D mixture, a mixture of 2^d Gaussians in R^d) repeats this
+with a W2 target in R^d (`--w2`). Its score is separable, so W2^2 in R^d is d times a 1-D W2^2: exact by
+quadrature for the ODE samplers (their 1-D output is a monotone map of x_T), with the two-sample estimate against
+exact draws shown beside it (`--check-values`); for the SDE a two-sample estimate only (`--sde-values` draws per
+step count of `--sde-grid`; `sde_mixture`), so N(d) is known only where its noise resolves d times the error,
+and block Picard is judged by its coupled distance to the sequential sampler on the same randomness.
+
     python benchmarks/picard_dimension.py --json docs/picard_dimension.json --plot docs/picard_dimension.png
     python benchmarks/picard_dimension.py --samplers ddpm --update --json docs/picard_dimension.json
+    python benchmarks/picard_dimension.py --targets mixture --update --json docs/picard_dimension.json
     python benchmarks/picard_dimension.py --plot docs/picard_dimension.png --from docs/picard_dimension.json
 """
 from __future__ import annotations
@@ -66,18 +74,128 @@ class Gaussian:
         return float((self.count * (r - 1 - r.log()) / 2).sum())
 
 
-def run_sampler(target: Gaussian, acp, kind: str, n: int, method: str = "sequential", blocks: int = 1,
+    def start(self) -> torch.Tensor:
+        """x_T of the deterministic samplers' one run: their output is alpha * x_T, so x_T = 1 gives alpha."""
+        return torch.ones(1, len(self.var), dtype=torch.float64)
+
+    def error(self, x: torch.Tensor) -> float:
+        return self.kl(x)
+
+
+class Mixture:
+    """The product of d identical 1-D mixtures w N(m_1, s^2) + (1 - w) N(m_2, s^2), mean zero (m_1 = -(1 - w) sep,
+    m_2 = w sep): a mixture of 2^d Gaussians in R^d whose score is exact and separable (each coordinate's noise
+    prediction needs that coordinate only). Mean zero, so that the sampler's N(0, 1) start misses the noised
+    target by second-order terms only, as for the Gaussian.
+
+    So a sampler's output is a product of d identical 1-D laws and, for the quadratic cost, W2^2 in R^d is d times
+    the 1-D W2^2 (the product of the coordinates' optimal couplings is optimal); n samples of R^d are n * d draws
+    of the 1-D law. For the deterministic samplers the 1-D output is a monotone map of x_T, so its W2 to the target
+    is exact by quadrature over x_T: W2^2 = int (T_N(z) - Q(Phi(z)))^2 phi(z) dz with Q the target's quantile
+    function (the trapezoid rule on `nodes` points of [-`z_max`, `z_max`], spectrally accurate here)."""
+
+    def __init__(self, d: int, sep: float = 2.0, s: float = 0.5, w: float = 0.3, nodes: int = 4001,
+                 z_max: float = 7.5):
+        self.d, self.sep, self.s, self.w = d, sep, s, w
+        self.z = torch.linspace(-z_max, z_max, nodes, dtype=torch.float64)
+        self.weight = (self.z[1] - self.z[0]) * torch.exp(-self.z.square() / 2) / math.sqrt(2 * math.pi)
+        self.q = self.quantile_of_normal(self.z)
+
+    def means(self, w):
+        return -(1 - w) * self.sep, w * self.sep
+
+    def eps(self, acp: torch.Tensor):
+        (m1, m2), w = self.means(self.w), self.w
+
+        def predict(x, t, y=None):
+            ab = acp[t].view(-1, 1)
+            v = ab * self.s ** 2 + 1 - ab  # each component's variance at level t
+            logit = (ab.sqrt() * (m2 - m1) * x - ab * (m2 ** 2 - m1 ** 2) / 2) / v + math.log((1 - w) / w)
+            m = m1 + (m2 - m1) * torch.sigmoid(logit)  # E[component mean | x_t]
+            return (1 - ab).sqrt() * (x - ab.sqrt() * m) / v
+        return predict
+
+    def cdf(self, x: torch.Tensor, w: float | torch.Tensor | None = None) -> torch.Tensor:
+        w = self.w if w is None else w
+        m1, m2 = self.means(w)
+        return w * normal_cdf((x - m1) / self.s) + (1 - w) * normal_cdf((x - m2) / self.s)
+
+    def quantile_of_normal(self, z: torch.Tensor) -> torch.Tensor:
+        """Q(Phi(z)) by bisection, each side in its own tail (the upper one through the mirrored mixture, which
+        is this one with w and 1 - w swapped), so that no probability near 1 loses its digits."""
+        u = normal_cdf(-z.abs())
+        w = torch.where(z <= 0, torch.tensor(self.w, dtype=torch.float64), 1 - self.w)
+        lo = torch.full_like(z, -self.sep - 12 * self.s)
+        hi = torch.full_like(z, self.sep + 12 * self.s)
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            below = self.cdf(mid, w) < u
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        x = (lo + hi) / 2
+        return torch.where(z <= 0, x, -x)
+
+    def exact(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """n exact draws of the 1-D target."""
+        m1, m2 = self.means(self.w)
+        first = (torch.rand(n, generator=gen, dtype=torch.float64) < self.w).double()
+        return m2 + (m1 - m2) * first + self.s * torch.randn(n, generator=gen, dtype=torch.float64)
+
+    def start(self) -> torch.Tensor:
+        return self.z.view(1, -1)
+
+    def error(self, x: torch.Tensor) -> float:
+        """W2^2 in R^d of the deterministic output x = T_N(z) on the quadrature nodes."""
+        if not bool((x[1:] > x[:-1]).all()):
+            raise ValueError("the sampler's 1-D map is not increasing: its W2 is not given by the quantile coupling")
+        return self.d * float((self.weight * (x - self.q).square()).sum())
+
+
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi by erfc: accurate in the lower tail, where torch.special.ndtr is off by 3e-4 (relative) at -7.5."""
+    return torch.special.erfc(-x / math.sqrt(2)) / 2
+
+
+def two_sample_w2(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor, groups: int = 8
+                  ) -> tuple[float, float]:
+    """(estimate, noise) of the 1-D W2^2 between the laws of samples a and b: in each of `groups` disjoint groups
+    the W2^2 of the empirical laws (sorted differences) minus that of two exact sample sets c, e of the same size
+    (which removes the estimator's O(1/n) bias when a's law is near b's); mean and standard error over groups."""
+    est = []
+    for g in range(groups):
+        part = [v[g::groups].sort().values for v in (a, b, c, e)]
+        est.append(float((part[0] - part[1]).square().mean() - (part[2] - part[3]).square().mean()))
+    t = torch.tensor(est, dtype=torch.float64)
+    return float(t.mean()), float(t.std() / math.sqrt(groups))
+
+
+def draws(target: Mixture, acp, kind: str, n: int, values: int, seed: int, chunk: int = 2**14,
+          **kw) -> tuple[torch.Tensor, int]:
+    """(`values` draws of the sampler's 1-D output law, sequential model calls): pargen's sampler on x_T and step
+    noises from pargen's `draw` (seeded `seed`, `seed + 1`, ... per chunk of `chunk` coordinates, so that two
+    methods given the same seed see the same randomness); `values / d` samples of R^d."""
+    steps, out, rounds = D.make_steps(acp, n, kind), [], 0
+    for i, lo in enumerate(range(0, values, chunk)):
+        x_T, noise = D.draw([seed + i], (min(chunk, values - lo),), steps, dtype=torch.float64)
+        res = D.sample(target.eps(acp), x_T, steps, noise=noise, **kw)
+        out.append(res.x[0].clone())  # x is a view of the whole trajectory
+        rounds = res.rounds
+    return torch.cat(out), rounds
+
+
+def run_sampler(target: Gaussian | Mixture, acp, kind: str, n: int, method: str = "sequential", blocks: int = 1,
                 sweeps: int | None = None) -> tuple[float, int]:
-    """(KL of the output to the target, sequential model calls) of one run."""
+    """(error of the output to the target: KL for the Gaussian, W2^2 for the mixture; sequential model calls)
+    of one run."""
     steps = D.make_steps(acp, n, kind)
     kw = {"method": method} if method == "sequential" else {
         "method": method, "block": -(-n // blocks), "sweeps": sweeps, "tol": 0.0}
     if kind == "ddpm":
+        if not isinstance(target, Gaussian):
+            raise ValueError("the SDE's error on the mixture is a two-sample estimate (see `sde_mixture`)")
         var, rounds = sde_variance(target.eps(acp), steps, len(target.var), **kw)
         return target.kl_var(var), rounds
-    x_T = torch.ones(1, len(target.var), dtype=torch.float64)
-    out = D.sample(target.eps(acp), x_T, steps, **kw)
-    return target.kl(out.x[0]), out.rounds
+    out = D.sample(target.eps(acp), target.start(), steps, **kw)
+    return target.error(out.x[0]), out.rounds
 
 
 def sde_variance(eps, steps: D.Steps, g: int, chunk: int = 64, **kw) -> tuple[torch.Tensor, int]:
@@ -149,46 +267,152 @@ def fewest_sweeps(target: Gaussian, acp, kind: str, n: int, blocks: int, kl: flo
     raise AssertionError("block Picard with as many sweeps as steps must equal the sequential sampler")
 
 
+def crossing(grid: list[dict], level: float, shift: float = 0.0) -> float | None:
+    """The step count where the measured per-coordinate error (+ shift noises) falls to `level`: log-log
+    interpolation between the first pair of resolved grid points (estimate >= 3 noises) that brackets it; None
+    when the level is above the first point or below the last resolved one."""
+    pts = [(g["steps"], g["w2sq_per_coordinate"] + shift * g["noise"]) for g in grid
+           if g["w2sq_per_coordinate"] >= 3 * g["noise"]]
+    if not pts or pts[0][1] <= level:
+        return None
+    for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
+        if e1 <= level < e0:
+            return math.exp(math.log(n0) + math.log(n1 / n0) * math.log(e0 / level) / math.log(e0 / e1))
+    return None
+
+
+def sde_mixture(acp, args, log=print) -> dict:
+    """The SDE on the mixture: its per-coordinate W2^2 on a grid of step counts by the two-sample estimate
+    (`--sde-values` draws of the output against as many exact ones), then N(d) where d times it crosses the
+    target; block Picard on the grid of a quarter of the target with the fewest sweeps whose answer is within
+    W2 <= eps / 2 of the sequential one on the same randomness (then W2 <= eps by the triangle inequality)."""
+    target, eps2 = Mixture(1, args.sep, args.std, args.weight), args.w2 ** 2
+    gen = torch.Generator().manual_seed(2024)
+    exact = [target.exact(args.sde_values, gen) for _ in range(3)]
+    grid = []
+    for n in args.sde_grid:
+        x, _ = draws(target, acp, "ddpm", n, args.sde_values, seed=1)
+        e, noise = two_sample_w2(x, *exact)
+        grid.append({"steps": n, "w2sq_per_coordinate": e, "noise": noise})
+        log(f"ddpm mixture, {n:5d} steps: per-coordinate W2^2 {e:.3e} +- {noise:.1e} (two-sample, "
+            f"{args.sde_values:,} draws)")
+    rows = []
+    for d in args.dims:
+        n = crossing(grid, eps2 / d)
+        row = {"d": d, "sequential_steps": None if n is None else math.ceil(n)}
+        if n is None:
+            row["unresolved"] = "the per-coordinate target eps^2 / d is outside the resolved grid"
+            rows.append(row)
+            log(f"ddpm mixture d = {d:6d}: unresolved at {args.sde_values:,} draws")
+            continue
+        lo, hi = crossing(grid, eps2 / d, -1), crossing(grid, eps2 / d, 1)
+        row.update({"sequential_calls": math.ceil(n), "sequential_steps_range": [
+            None if lo is None else math.ceil(lo), None if hi is None else math.ceil(hi)]})
+        msg = f"ddpm mixture d = {d:6d}: sequential {math.ceil(n)} steps (noise range {row['sequential_steps_range']})"
+        n_grid = crossing(grid, eps2 / (4 * d))
+        if n_grid is not None and d <= args.sde_picard_max_d:
+            n_grid = math.ceil(n_grid)
+            seq, _ = draws(target, acp, "ddpm", n_grid, args.picard_values, seed=7)
+            block = -(-n_grid // args.blocks)
+            for k in range(1, block + 1):
+                par, rounds = draws(target, acp, "ddpm", n_grid, args.picard_values, seed=7, method="block",
+                                    block=block, sweeps=k, tol=0.0)
+                gap = d * float((par - seq).square().mean())  # coupled: W2^2(Picard, sequential) <= gap
+                if gap <= eps2 / 4:
+                    break
+            row.update({"picard_grid_steps": n_grid, "picard_sweeps": k, "picard_rounds": rounds,
+                        "picard_w2sq_to_sequential_bound": gap})
+            msg += f"; block Picard on {n_grid} steps, {args.blocks} blocks x {k} sweeps = {rounds} rounds"
+        rows.append(row)
+        log(msg)
+    return {"grid": grid, "rows": rows, **fits(rows), "values": args.sde_values,
+            "picard_values": args.picard_values}
+
+
+def fits(rows: list[dict]) -> dict:
+    seq = [r for r in rows if r.get("sequential_calls")]
+    par = [r for r in rows if "picard_rounds" in r]
+    out = {"fit_sequential_calls_vs_d": power_fit([r["d"] for r in seq], [r["sequential_calls"] for r in seq])}
+    if len(par) >= 2:
+        out["fit_picard_rounds_vs_d"] = power_fit([r["d"] for r in par], [r["picard_rounds"] for r in par])
+        out["fit_picard_rounds_vs_log_d"] = power_fit([math.log(r["d"]) for r in par],
+                                                      [r["picard_rounds"] for r in par])
+    return out
+
+
+def scan(make, acp, kind: str, level: float, dims, blocks: int, picard_max_d: int, name: str = "kl", check=None,
+         log=print) -> dict:
+    """Per d: the fewest sequential steps to error <= level, then block Picard on the grid of level / 2 with the
+    fewest sweeps reaching level (`make(d)` builds the target, whose error is called `name` in the rows;
+    `check(target, n)` adds fields to a row)."""
+    rows = []
+    for d in dims:
+        target = make(d)
+        n_seq = fewest_steps(target, acp, kind, level)
+        # DDPM: the O(N) recursion (equal to the sampler, tested); the others: the sampler itself
+        err, calls = (kl_of(target, acp, kind, n_seq), n_seq) if kind == "ddpm" else \
+            run_sampler(target, acp, kind, n_seq)
+        row = {"d": d, "sequential_steps": n_seq, "sequential_calls": calls, f"sequential_{name}": err}
+        msg = f"{kind} d = {d:6d}: sequential {n_seq:5d} steps ({calls} calls, error {err:.2e})"
+        if d <= picard_max_d:
+            n_grid = fewest_steps(target, acp, kind, level / 2)
+            k, err_par, rounds = fewest_sweeps(target, acp, kind, n_grid, blocks, level)
+            row.update({"picard_grid_steps": n_grid, "picard_sweeps": k, "picard_rounds": rounds,
+                        f"picard_{name}": err_par})
+            msg += (f"; block Picard on {n_grid} steps, {blocks} blocks x {k} sweeps = {rounds} rounds "
+                    f"(error {err_par:.2e})")
+        if check is not None:
+            row.update(check(target, n_seq))
+        rows.append(row)
+        log(msg, flush=True)
+    return {"rows": rows, **fits(rows)}
+
+
 def run(args) -> dict:
     acp = vp_alphas(args.train_steps)
-    res = {"what": "Picard rounds vs dimension, exact Gaussian score (benchmarks/picard_dimension.py)",
+    res = {"what": "Picard rounds vs dimension, exact scores (benchmarks/picard_dimension.py)",
            "kl_target": args.kl, "blocks": args.blocks, "var_min": args.var_min, "classes": args.classes,
            "train_steps": args.train_steps,
            "paper": {"claim": "block Picard: O~(poly log d) sequential rounds; sequential: poly(d) steps "
                               "(bounds O~(d) SDE, O~(sqrt d) ODE)", "source": "arXiv 2405.15986"},
            "samplers": {}}
-    for kind in args.samplers:
-        rows = []
-        for d in args.dims:
-            target = Gaussian(d, args.var_min, args.classes)
-            n_seq = fewest_steps(target, acp, kind, args.kl)
-            # DDPM: the O(N) recursion (equal to the sampler, tested); the others: the sampler itself
-            kl_seq, calls_seq = (kl_of(target, acp, kind, n_seq), n_seq) if kind == "ddpm" else \
-                run_sampler(target, acp, kind, n_seq)
-            row = {"d": d, "sequential_steps": n_seq, "sequential_calls": calls_seq, "sequential_kl": kl_seq}
-            msg = f"{kind} d = {d:6d}: sequential {n_seq:5d} steps ({calls_seq} calls, KL {kl_seq:.2e})"
-            if kind != "ddpm" or d <= args.sde_picard_max_d:
-                n_grid = fewest_steps(target, acp, kind, args.kl / 2)
-                k, kl_par, rounds = fewest_sweeps(target, acp, kind, n_grid, args.blocks, args.kl)
-                row.update({"picard_grid_steps": n_grid, "picard_sweeps": k, "picard_rounds": rounds,
-                            "picard_kl": kl_par})
-                msg += (f"; block Picard on {n_grid} steps, {args.blocks} blocks x {k} sweeps = {rounds} rounds "
-                        f"(KL {kl_par:.2e})")
-            rows.append(row)
-            print(msg, flush=True)
-        ds = [r["d"] for r in rows]
-        par = [r for r in rows if "picard_rounds" in r]
-        res["samplers"][kind] = {
-            "rows": rows,
-            "fit_sequential_calls_vs_d": power_fit(ds, [r["sequential_calls"] for r in rows]),
-            "fit_picard_rounds_vs_d": power_fit([r["d"] for r in par], [r["picard_rounds"] for r in par]),
-            "fit_picard_rounds_vs_log_d": power_fit([math.log(r["d"]) for r in par],
-                                                    [r["picard_rounds"] for r in par])}
-        f = res["samplers"][kind]
-        print(f"{kind}: sequential calls ~ d^{f['fit_sequential_calls_vs_d']['exponent']:.3f}; Picard rounds ~ "
-              f"d^{f['fit_picard_rounds_vs_d']['exponent']:.3f} or (ln d)^"
-              f"{f['fit_picard_rounds_vs_log_d']['exponent']:.3f}")
+    if "gaussian" in args.targets:
+        for kind in args.samplers:
+            res["samplers"][kind] = scan(lambda d: Gaussian(d, args.var_min, args.classes), acp, kind, args.kl,
+                                         args.dims, args.blocks, args.sde_picard_max_d if kind == "ddpm" else
+                                         max(args.dims))
+            report(kind, res["samplers"][kind])
+    if "mixture" in args.targets:
+        mix = {"sep": args.sep, "std": args.std, "weight": args.weight, "w2_target": args.w2,
+               "check_values": args.check_values, "samplers": {}}
+        gen = torch.Generator().manual_seed(99)
+
+        def check(target: Mixture, n: int, kind: str) -> dict:
+            """The exact W2^2 beside the two-sample estimate of `--check-values` draws (scaled by d)."""
+            if target.d > args.check_max_d:
+                return {}
+            x, _ = draws(target, acp, kind, n, args.check_values, seed=3)
+            e, noise = two_sample_w2(x, *(target.exact(args.check_values, gen) for _ in range(3)))
+            return {"two_sample_w2sq": target.d * e, "two_sample_noise": target.d * noise}
+
+        for kind in args.samplers:
+            if kind == "ddpm":
+                mix["samplers"][kind] = sde_mixture(acp, args)
+            else:
+                mix["samplers"][kind] = scan(lambda d: Mixture(d, args.sep, args.std, args.weight), acp, kind,
+                                             args.w2 ** 2, args.dims, args.blocks, max(args.dims), "w2sq",
+                                             check=lambda t, n, kind=kind: check(t, n, kind))
+            report(f"{kind} (mixture)", mix["samplers"][kind])
+        res["mixture"] = mix
     return res
+
+
+def report(name: str, f: dict) -> None:
+    msg = f"{name}: sequential calls ~ d^{f['fit_sequential_calls_vs_d']['exponent']:.3f}"
+    if "fit_picard_rounds_vs_d" in f:
+        msg += (f"; Picard rounds ~ d^{f['fit_picard_rounds_vs_d']['exponent']:.3f} or (ln d)^"
+                f"{f['fit_picard_rounds_vs_log_d']['exponent']:.3f}")
+    print(msg, flush=True)
 
 
 def plot(res: dict, path: str) -> None:
@@ -196,48 +420,97 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    panels = [("Gaussian", res["samplers"], f"KL <= {res['kl_target']:g}")]
+    if "mixture" in res:
+        panels.append(("Gaussian mixture", res["mixture"]["samplers"], f"W2 <= {res['mixture']['w2_target']:g}"))
+    fig, axes = plt.subplots(len(panels), 3, figsize=(17, 4.4 * len(panels)), squeeze=False)
+    for row, (title, samplers, goal) in zip(axes, panels):
+        for i, (kind, s) in enumerate(samplers.items()):
+            seq = [r for r in s["rows"] if r.get("sequential_calls")]
+            fs = s["fit_sequential_calls_vs_d"]
+            row[0].loglog([r["d"] for r in seq], [r["sequential_calls"] for r in seq], "o-", color=f"C{i}",
+                          label=f"{kind} sequential (~ d^{fs['exponent']:.2f})")
+            par = [r for r in s["rows"] if "picard_rounds" in r]
+            if "fit_picard_rounds_vs_log_d" in s:
+                fp = s["fit_picard_rounds_vs_log_d"]
+                row[0].loglog([r["d"] for r in par], [r["picard_rounds"] for r in par], "s--", color=f"C{i}",
+                              label=f"{kind} block Picard (~ (ln d)^{fp['exponent']:.2f})")
+            row[1].plot([math.log(r["d"]) for r in par], [r["picard_rounds"] for r in par], "s--",
+                        color=f"C{i}", label=f"{kind} block Picard")
+            for r in par:
+                row[1].annotate(f"K={r['picard_sweeps']}", (math.log(r["d"]), r["picard_rounds"]), fontsize=7,
+                                xytext=(2, 4), textcoords="offset points", color=f"C{i}")
+        row[0].set_xlabel("dimension d")
+        row[0].set_ylabel(f"sequential model calls to {goal}")
+        row[0].set_title(f"{title}, exact score")
+        row[1].set_xlabel("ln d")
+        row[1].set_ylabel(f"block Picard rounds ({res['blocks']} blocks x K sweeps)")
+        row[1].set_ylim(bottom=0)
+    g = axes[0][2]  # the Gaussian's KL is exact: its panel shows the sequential KL reached per d
     for i, (kind, s) in enumerate(res["samplers"].items()):
-        ds = [r["d"] for r in s["rows"]]
-        fs, fp = s["fit_sequential_calls_vs_d"], s["fit_picard_rounds_vs_log_d"]
-        axes[0].loglog(ds, [r["sequential_calls"] for r in s["rows"]], "o-", color=f"C{i}",
-                       label=f"{kind} sequential (~ d^{fs['exponent']:.2f})")
-        par = [r for r in s["rows"] if "picard_rounds" in r]
-        axes[0].loglog([r["d"] for r in par], [r["picard_rounds"] for r in par], "s--", color=f"C{i}",
-                       label=f"{kind} block Picard (~ (ln d)^{fp['exponent']:.2f})")
-        axes[1].plot([math.log(r["d"]) for r in par], [r["picard_rounds"] for r in par], "s--", color=f"C{i}",
-                     label=f"{kind} block Picard")
-        for r in par:
-            axes[1].annotate(f"K={r['picard_sweeps']}", (math.log(r["d"]), r["picard_rounds"]), fontsize=7,
-                             xytext=(2, 4), textcoords="offset points", color=f"C{i}")
-    axes[0].set_xlabel("dimension d")
-    axes[0].set_ylabel(f"sequential model calls to KL <= {res['kl_target']:g}")
-    axes[1].set_xlabel("ln d")
-    axes[1].set_ylabel(f"block Picard rounds ({res['blocks']} blocks x K sweeps)")
-    axes[1].set_ylim(bottom=0)
-    for ax in axes:
+        g.semilogx([r["d"] for r in s["rows"]], [r["sequential_kl"] for r in s["rows"]], "o-", color=f"C{i}",
+                   label=kind)
+    g.set_xlabel("dimension d")
+    g.set_ylabel("KL of the sequential sampler at N(d) (exact)")
+    g.set_ylim(0, res["kl_target"] * 1.1)
+    if "mixture" in res:
+        m, e = axes[1][2], res["mixture"]
+        ddpm = e["samplers"].get("ddpm")
+        if ddpm:
+            ns = [p["steps"] for p in ddpm["grid"]]
+            m.errorbar(ns, [p["w2sq_per_coordinate"] for p in ddpm["grid"]], [p["noise"] for p in ddpm["grid"]],
+                       fmt="o-", color="C2", capsize=3, label=f"ddpm, two-sample ({ddpm['values']:,} draws)")
+        for i, kind in enumerate(e["samplers"]):
+            rows = [r for r in e["samplers"][kind]["rows"] if "two_sample_w2sq" in r]
+            if rows:
+                m.errorbar([r["sequential_steps"] for r in rows], [r["two_sample_w2sq"] / r["d"] for r in rows],
+                           [r["two_sample_noise"] / r["d"] for r in rows], fmt="x", color=f"C{i}", capsize=3,
+                           label=f"{kind} at N(d): two-sample")
+                m.plot([r["sequential_steps"] for r in rows], [r["sequential_w2sq"] / r["d"] for r in rows], "+",
+                       color=f"C{i}", ms=10, label=f"{kind} at N(d): exact (quadrature)")
+        m.set_xscale("log")
+        m.set_yscale("log", nonpositive="mask")  # an estimate below zero (noise) is left out
+        m.set_xlabel("sequential steps N")
+        m.set_ylabel("per-coordinate W2^2 to the target")
+        m.set_title("the mixture's errors: two-sample estimates +- noise")
+    for ax in axes.flat:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Gaussian target, exact score: sequential steps vs block Picard rounds ({res['blocks']} blocks)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print(f"plot: {path}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dims", type=int, nargs="+", default=[2, 8, 32, 128, 512, 2048, 8192, 16384])
+    p.add_argument("--targets", nargs="+", choices=["gaussian", "mixture"], default=["gaussian", "mixture"])
     p.add_argument("--samplers", nargs="+", choices=["ode", "ddim", "ddpm"], default=["ode", "ddim", "ddpm"],
                    help="ode: Heun probability-flow ODE; ddim: its Euler step; ddpm: the SDE (ancestral) sampler")
     p.add_argument("--sde-picard-max-d", type=int, default=128,
-                   help="block Picard of the SDE only up to this d: its exact output variance takes one probe per "
-                        "noise step (cost ~ N^2); its sequential N(d) is computed for every d")
+                   help="block Picard of the SDE only up to this d (Gaussian: its exact output variance takes one "
+                        "probe per noise step, cost ~ N^2); its sequential N(d) is computed for every d")
     p.add_argument("--update", action="store_true",
-                   help="keep the samplers of an existing --json that this run does not compute (same settings)")
-    p.add_argument("--kl", type=float, default=0.01, help="KL target (nats) for every sampler and d")
+                   help="keep the targets and samplers of an existing --json that this run does not compute "
+                        "(same settings)")
+    p.add_argument("--kl", type=float, default=0.01, help="Gaussian: KL target (nats) for every sampler and d")
     p.add_argument("--blocks", type=int, default=8, help="block Picard blocks (the same for every d)")
-    p.add_argument("--var-min", type=float, default=0.01, help="smallest coordinate variance of the target")
-    p.add_argument("--classes", type=int, default=64, help="distinct variances (cycled over the coordinates)")
+    p.add_argument("--var-min", type=float, default=0.01, help="Gaussian: smallest coordinate variance")
+    p.add_argument("--classes", type=int, default=64, help="Gaussian: distinct variances (cycled over coordinates)")
+    p.add_argument("--w2", type=float, default=0.1, help="mixture: W2 target in R^d for every sampler and d")
+    p.add_argument("--sep", type=float, default=2.0, help="mixture: distance between the two component means")
+    p.add_argument("--std", type=float, default=0.5, help="mixture: std of each component")
+    p.add_argument("--weight", type=float, default=0.3, help="mixture: weight of the lower component")
+    p.add_argument("--sde-values", type=int, default=2**22,
+                   help="mixture, SDE: draws of the 1-D output law per step count (n samples of R^d = this / d)")
+    p.add_argument("--sde-grid", type=int, nargs="+",
+                   default=[16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024],
+                   help="mixture, SDE: the step counts at which its error is estimated")
+    p.add_argument("--picard-values", type=int, default=2**16,
+                   help="mixture, SDE: draws for the coupled distance of block Picard to the sequential sampler")
+    p.add_argument("--check-values", type=int, default=2**20,
+                   help="mixture, ODEs: draws of the two-sample estimate shown beside the exact W2")
+    p.add_argument("--check-max-d", type=int, default=512, help="mixture, ODEs: two-sample check up to this d")
     p.add_argument("--train-steps", type=int, default=2**20,
                    help="levels of the discrete VP schedule: many more than the steps, so that the grid's integer "
                         "spacing T // N does not jump")
@@ -248,11 +521,18 @@ def main() -> None:
     res = json.loads(Path(args.source).read_text()) if args.source else run(args)
     if args.update and args.json and not args.source and Path(args.json).exists():
         old = json.loads(Path(args.json).read_text())
-        same = ("kl_target", "blocks", "var_min", "classes", "train_steps")
+        same = ("kl_target", "blocks", "train_steps") + (("var_min", "classes") if "gaussian" in args.targets else ())
         if any(old.get(k) != res[k] for k in same):
             raise SystemExit(f"--update: {args.json} was made with other settings ({', '.join(same)})")
         res["samplers"] = {**{k: v for k, v in old["samplers"].items() if k not in res["samplers"]},
                            **res["samplers"]}
+        if "mixture" in res and "mixture" in old:
+            keys = ("sep", "std", "weight", "w2_target", "check_values")
+            if any(old["mixture"][k] != res["mixture"][k] for k in keys):
+                raise SystemExit(f"--update: {args.json}'s mixture was made with other settings ({', '.join(keys)})")
+            res["mixture"]["samplers"] = {**old["mixture"]["samplers"], **res["mixture"]["samplers"]}
+        elif "mixture" in old:
+            res["mixture"] = old["mixture"]
     if args.json and not args.source:
         write_json(res, args.json)
         print(f"json: {args.json}")

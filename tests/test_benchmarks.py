@@ -65,6 +65,56 @@ def test_picard_dimension_sde_variance_probes_are_exact():
     assert P.run_sampler(target, acp, "ddpm", n, "block", 4, 2) == (pytest.approx(target.kl_var(two)), 8)
 
 
+def test_picard_dimension_mixture_score_quantiles_and_exact_w2():
+    """The mixture's noise predictor is -sqrt(1 - ab) times the score of the noised density (autograd), its
+    quantile function inverts its cdf, and the quadrature W2 is exact where the answer is known."""
+    P = script("picard_dimension")
+    target, acp = P.Mixture(d=3, sep=2.0, s=0.5, w=0.3), P.vp_alphas(1000)
+    m1, m2 = target.means(target.w)
+    t = torch.tensor([0, 300, 999])
+    x = torch.linspace(-3, 3, 7, dtype=torch.float64).repeat(3, 1).requires_grad_()
+    ab = acp[t].view(-1, 1)
+    v = ab * 0.25 + 1 - ab
+    comp = torch.stack([math.log(w) - (x - ab.sqrt() * m) ** 2 / (2 * v) for w, m in ((0.3, m1), (0.7, m2))])
+    score, = torch.autograd.grad(torch.logsumexp(comp, 0).sum(), x)
+    assert torch.allclose(target.eps(acp)(x.detach(), t), -(1 - ab).sqrt() * score, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(target.cdf(target.q), P.normal_cdf(target.z), rtol=0, atol=1e-15)
+    low = target.z < -4  # the lower tail to relative precision (the upper one is its mirror)
+    assert torch.allclose(target.cdf(target.q[low]), P.normal_cdf(target.z[low]), rtol=1e-10, atol=0)
+    assert target.error(target.q) == 0 and target.error(target.q + 0.1) == pytest.approx(3 * 0.01, rel=1e-12)
+    with pytest.raises(ValueError, match="not increasing"):
+        target.error(target.q.flip(0))
+    # sep = 0: the target is N(0, s^2), the ODE's output is linear, alpha * z, and its W2^2 is (alpha - s)^2
+    gauss = P.Mixture(d=1, sep=0.0, s=0.5)
+    out = P.D.sample(gauss.eps(acp), gauss.start(), P.D.make_steps(acp, 6, "ode")).x[0]
+    alpha = out[-1] / gauss.z[-1]
+    assert torch.allclose(out, alpha * gauss.z, rtol=1e-12, atol=1e-14)
+    assert P.run_sampler(gauss, acp, "ode", 6)[0] == pytest.approx(float((alpha - 0.5) ** 2), rel=1e-9)
+
+
+def test_picard_dimension_two_sample_estimate_and_crossing():
+    """The two-sample W2^2 agrees with the exact quadrature within its stated noise, a pure shift gives its
+    square, and the step count where a grid of errors crosses a level is interpolated log-log."""
+    P = script("picard_dimension")
+    target, acp, gen = P.Mixture(d=1), P.vp_alphas(1000), torch.Generator().manual_seed(0)
+    exact = [target.exact(2**16, gen) for _ in range(4)]
+    e, noise = P.two_sample_w2(exact[0] + 0.2, *exact[1:])
+    assert 0 < noise < 0.01 and abs(e - 0.04) < 4 * noise
+    e, noise = P.two_sample_w2(*exact)
+    assert abs(e) < 4 * noise
+    x, calls = P.draws(target, acp, "ddim", 8, 2**16, seed=0, chunk=2**14)
+    assert x.shape == (2**16,) and calls == 8
+    e, noise = P.two_sample_w2(x, *exact[1:])
+    assert abs(e - P.run_sampler(target, acp, "ddim", 8)[0]) < 4 * noise and noise < 0.1 * e
+    block, _ = P.draws(target, acp, "ddpm", 8, 2**10, seed=5, method="block", block=4, sweeps=4, tol=0.0)
+    assert torch.allclose(block, P.draws(target, acp, "ddpm", 8, 2**10, seed=5)[0], rtol=0, atol=1e-12)
+    grid = [{"steps": n, "w2sq_per_coordinate": 1.0 / n ** 2, "noise": 0.01 / n ** 2} for n in (10, 20, 40)]
+    assert P.crossing(grid, 1.0 / 30 ** 2) == pytest.approx(30)
+    assert P.crossing(grid, 1.0) is None and P.crossing(grid, 1e-5) is None
+    grid[-1]["noise"] = 1.0  # unresolved: the interpolation stops at the last resolved point
+    assert P.crossing(grid, 1.0 / 30 ** 2) is None
+
+
 def test_lowrank_threshold_degree_bound_turn_and_synthetic_heads():
     T = script("lowrank_threshold")
     from pargen.nn.lowrank import taylor_bound

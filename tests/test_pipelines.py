@@ -103,7 +103,9 @@ def test_tarflow_temperature_scales_the_prior_noise_and_is_a_checkpoint_default(
     y = pipe.labels([1, 2])
     want = flow.sample(pipe.model, 0.5 * flow.noise(pipe.model, [1, 2]), y).x.add(1).mul(0.5).clamp(0, 1)
     assert torch.equal(out.images, want) and "temperature 0.5" in out.description
-    assert "temperature" not in pipe.sample([1], method="sequential").description
+    default = pipe.sample([1], method="sequential").description
+    assert "temperature" not in default and "guidance 2 annealed" in default  # the checkpoint's defaults
+    assert "annealed" not in pipe.sample([1], method="sequential", annealed=False).description
     model, meta = checkpoint.load(checkpoint.resolve("tarflow-mnist"))
     meta = {k: v for k, v in meta.items() if k not in ("family", "config")}
     own = checkpoint.save(tmp_path / "flow", model, {**meta, "sample_defaults": {"temperature": 0.5}})

@@ -2,7 +2,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
+import pytest
 import torch
 
 from pargen import checkpoint, data, registry
@@ -125,3 +127,13 @@ def test_under_torchrun_only_rank_0_reports_and_writes(tmp_path):
     assert r.stdout.count("training tarflow-tiny") == 1 and r.stdout.count("done: 2 steps") == 1, r.stdout
     assert r.stdout.count("fp16 export") == 1
     assert checkpoint.read_meta(out)["step"] == 2 and checkpoint.read_meta(tmp_path / "h")["step"] == 2
+
+
+def test_a_run_too_short_for_its_ema_is_warned_about():
+    ds = data.load("digits")
+    with pytest.warns(UserWarning, match=r"decay 0.999 over 4 steps still holds 100% .* lower --ema \(e.g. 0.25\)"):
+        train(tiny_flow(), ds, tarflow_loss, TrainConfig(steps=4, batch_size=8, warmup=1), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0.3^4 < 5%, and no EMA at all: silent
+        train(tiny_flow(), ds, tarflow_loss, TrainConfig(steps=4, batch_size=8, warmup=1, ema=0.3), progress=False)
+        train(tiny_flow(), ds, tarflow_loss, TrainConfig(steps=4, batch_size=8, warmup=1, ema=0.0), progress=False)

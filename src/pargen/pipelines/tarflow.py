@@ -33,7 +33,8 @@ class FlowSettings:
 
     def describe(self) -> str:
         what = {"sequential": "sequential (KV cache)", "jacobi": "jacobi"}.get(self.method, self.source)
-        return (f"{what}, tol {self.tol:g}, guidance {self.guidance.scale:g}"
+        g = self.guidance
+        return (f"{what}, tol {self.tol:g}, guidance {g.scale:g}" + (" annealed" if g.annealed and g.scale else "")
                 + ("" if self.temperature == 1 else f", temperature {self.temperature:g}")
                 + ("" if self.denoise else ", no denoising step"))
 

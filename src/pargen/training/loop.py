@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +85,10 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
+    if ema is not None and rank == 0 and cfg.ema ** cfg.steps > 0.05:  # the EMA has no warm-up
+        warnings.warn(f"an EMA with decay {cfg.ema:g} over {cfg.steps} steps still holds "
+                      f"{100 * cfg.ema ** cfg.steps:.0f}% of the initial weights, and the checkpoint holds the "
+                      f"EMA: train longer or lower --ema (e.g. {max(0.0, 1 - 3 / cfg.steps):.3g})", stacklevel=2)
     start, losses = 0, []
     if out is not None and rank == 0:
         checkpoint.clean_stale_tmp(out)  # a write killed mid-way leaves its temp file; the checkpoint is intact
