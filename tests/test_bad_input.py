@@ -247,6 +247,27 @@ def test_fuzz_random_hostile_values_and_corrupted_files(tmp_path, trained, capsy
     assert Path(f"{w['run']}.safetensors").read_bytes() == weights
 
 
+def test_a_first_save_cut_before_its_description_can_still_be_resumed(tmp_path, capsys):
+    """The first save writes the training state, the weights, then the JSON: cut before the JSON, the run is
+    resumed from the description kept in the state (and checked against it); a state without one says what to do."""
+    run = tmp_path / "run"
+    argv = ["train", "tarflow-tiny", "--data", "digits", "--batch-size", "4", "--ema", "0", "--out", str(run)]
+    assert run_main(argv + ["--steps", "2"], capsys)[0] == 0
+    Path(f"{run}.json").unlink()
+    code, err = run_main(argv + ["--steps", "4"], capsys)
+    assert code == 2 and "already holds a checkpoint" in err  # still refuses to overwrite
+    code, err = run_main(argv + ["--steps", "4", "--set", "num_blocks=3", "--resume"], capsys)
+    assert code == 2 and "config num_blocks 2 -> 3" in err  # checked against the state's copy
+    assert run_main(argv + ["--steps", "4", "--resume"], capsys)[0] == 0
+    assert checkpoint.read_meta(run)["step"] == 4 and len(checkpoint.load_state_file(run)["losses"]) == 4
+    Path(f"{run}.json").unlink()
+    state = checkpoint.load_state_file(run)
+    del state["meta"]
+    checkpoint.save_state(run, state)
+    code, err = run_main(argv + ["--steps", "6", "--resume"], capsys)
+    assert code == 2 and "no description run.json" in err and "delete run.* to start again" in err
+
+
 def test_a_save_cut_short_is_detected_and_resume_recovers_from_the_training_state(tmp_path, monkeypatch):
     from pargen import registry
     from pargen.data import load

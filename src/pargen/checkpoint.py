@@ -72,10 +72,15 @@ def save(path: str | os.PathLike, model: torch.nn.Module, extra: dict[str, Any] 
     s = stem(path)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in model.state_dict().items()}
-    meta = {"family": model.family, "config": to_dict(model.config), **(extra or {})}
+    meta = description(model, extra)
     stamp = {"step": str(meta["step"])} if "step" in meta else None  # checked against the JSON by `load`
     atomic_write(s.with_name(s.name + ".safetensors"), lambda tmp: save_file(tensors, tmp, metadata=stamp))
     return write_meta(s, meta)
+
+
+def description(model: torch.nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON description `save` writes beside the weights (as JSON types: tuples become lists)."""
+    return json.loads(json.dumps({"family": model.family, "config": to_dict(model.config), **(extra or {})}))
 
 
 def write_meta(path: str | os.PathLike, meta: dict[str, Any]) -> Path:
@@ -83,6 +88,19 @@ def write_meta(path: str | os.PathLike, meta: dict[str, Any]) -> Path:
     s = stem(path)
     atomic_write(s.with_name(s.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return s
+
+
+def run_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A training run's description: its JSON, or the copy in its training state when the run's first save was
+    cut before the JSON was written (the state is written first)."""
+    s = stem(path)
+    if s.with_name(s.name + ".json").exists() or not s.with_name(s.name + ".state.pt").exists():
+        return read_meta(path)
+    meta = load_state_file(path).get("meta")
+    if meta is None:
+        raise PargenError(f"{s} has a training state but no description {s.name}.json (a first save was cut "
+                          f"short, by a pargen that kept no copy in the state); delete {s.name}.* to start again")
+    return meta
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -631,7 +631,7 @@ def _check_resume(args, family: str, cfg, say=print) -> None:
     """--resume continues the same run: the same preset, data, size and model config (steps and lr may change)."""
     from ..config import to_dict
 
-    old = checkpoint.read_meta(args.out)
+    old = checkpoint.run_meta(args.out)
     want = {"family": family, "preset": args.model, "data": args.data, "size": args.size}
     diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in want.items() if old.get(k) != v]
     new_cfg = json.loads(json.dumps(to_dict(cfg)))

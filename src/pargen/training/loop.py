@@ -108,7 +108,7 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
         if ema is not None:
             checkpoint.load_state(ema, state["ema"], where + " (EMA)")
         start, losses = int(state["step"]), list(state["losses"])
-        step = checkpoint.read_meta(out).get("step")
+        step = checkpoint.run_meta(out).get("step")
         if step != start and rank == 0:  # state first, description last: a save was cut in between
             print(f"resume: {checkpoint.stem(out)}.json says step {step}, the training state step {start} (an "
                   "interrupted save); continuing from the training state, the next save rewrites all three")
@@ -172,7 +172,9 @@ STATE_KEYS = ("model", "optimizer", "ema", "step", "losses")
 def _save(out, model, ema, opt, step, losses, meta) -> None:
     """Training state, then weights, then the JSON description, each stamped with the step: the description is
     the manifest written last, so a save cut short is detected (`checkpoint.load` refuses weights of another
-    step; resume continues from the training state, which is complete by then)."""
+    step; resume continues from the training state, which is complete by then). The state keeps a copy of the
+    description, for a first save cut before its JSON (`checkpoint.run_meta`)."""
     checkpoint.save_state(out, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "ema": None if ema is None else ema.state_dict(), "step": step, "losses": losses})
+                                "ema": None if ema is None else ema.state_dict(), "step": step, "losses": losses,
+                                "meta": checkpoint.description(model, {**meta, "step": step})})
     checkpoint.save(out, ema if ema is not None else model, {**meta, "step": step})
