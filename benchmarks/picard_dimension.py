@@ -9,7 +9,7 @@ alpha * x_T per coordinate: Gaussian, with a KL divergence to the target in clos
 KL = sum_k (alpha_k^2 / sigma_k^2 - 1 - log(alpha_k^2 / sigma_k^2)) / 2. The samplers are pargen's own
 (`pargen.samplers.diffusion.sample`) on a fine VP grid (linear beta 0.1 -> 20 over `--train-steps` levels):
 the probability-flow ODE by Heun steps (`ode`) and by Euler steps (`ddim`, eta 0), and the SDE's ancestral
-sampler (`ddpm`), whose output is Gaussian too, with a variance found exactly by probing its linear map
+sampler (`ddpm`), whose output is Gaussian too, with a variance found exactly as the gradient of its linear map
 (`sde_variance`).
 
 Per d (2 to 16,384): the fewest steps N(d) the sequential sampler needs for KL <= `--kl`, then block Picard on
@@ -198,25 +198,22 @@ def run_sampler(target: Gaussian | Mixture, acp, kind: str, n: int, method: str 
     return target.error(out.x[0]), out.rounds
 
 
-def sde_variance(eps, steps: D.Steps, g: int, chunk: int = 64, **kw) -> tuple[torch.Tensor, int]:
+def sde_variance(eps, steps: D.Steps, g: int, **kw) -> tuple[torch.Tensor, int]:
     """(output variance of each of g coordinates, sequential model calls) of pargen's DDPM sampler, exactly.
 
     With an exact linear score the sampler (sequential, or block Picard with a fixed number of sweeps) is a
-    linear map of (x_T, xi_1..xi_N): x_0 = alpha x_T + sum_k c_k xi_k per coordinate, so its output is Gaussian
-    with variance alpha^2 + sum_k c_k^2. One run with x_T = 1 and no noise gives alpha; runs whose sample j has
-    x_T = 0 and unit noise at step j only give the c_k (`chunk` probes per run; the cost grows as N^2)."""
-    n = steps.n
-    one = D.sample(eps, torch.ones(1, g, dtype=torch.float64), steps,
-                   noise=torch.zeros(1, n, g, dtype=torch.float64), **kw)
-    var = one.x[0].square()
-    noisy = (steps.s > 0).nonzero().flatten()
-    for lo in range(0, len(noisy), chunk):
-        k = noisy[lo: lo + chunk]
-        noise = torch.zeros(len(k), n, g, dtype=torch.float64)
-        noise[torch.arange(len(k)), k] = steps.s[k].view(-1, 1)
-        out = D.sample(eps, torch.zeros(len(k), g, dtype=torch.float64), steps, noise=noise, **kw)
-        var = var + out.x.square().sum(0)
-    return var, one.rounds
+    linear map of (x_T, xi_1..xi_N): x_0 = alpha x_T + sum_k c_k s_k xi_k per coordinate, so its output is
+    Gaussian with variance alpha^2 + sum_k c_k^2 s_k^2. The coefficients are the gradient of the output with
+    respect to x_T and the step noises, at any point (the map is linear): one run of pargen's sampler, kept
+    differentiable, and one backward pass; the tests check them against probes of the map, one unit noise at a
+    time."""
+    x_T, noise = D.draw([0], (g,), steps, dtype=torch.float64)
+    x_T.requires_grad_()
+    noise.requires_grad_()
+    out = D.sample(eps, x_T, steps, noise=noise, differentiable=True, **kw)
+    out.x.sum().backward()  # coordinates are independent: the sum's gradient holds each one's coefficients
+    var = x_T.grad[0].square() + (noise.grad[0] * steps.s.view(-1, 1)).square().sum(0)
+    return var.detach(), out.rounds
 
 
 def sde_variance_recursion(target: Gaussian, acp, n: int) -> torch.Tensor:
@@ -310,7 +307,7 @@ def sde_mixture(acp, args, log=print) -> dict:
             None if lo is None else math.ceil(lo), None if hi is None else math.ceil(hi)]})
         msg = f"ddpm mixture d = {d:6d}: sequential {math.ceil(n)} steps (noise range {row['sequential_steps_range']})"
         n_grid = crossing(grid, eps2 / (4 * d))
-        if n_grid is not None and d <= args.sde_picard_max_d:
+        if n_grid is not None:
             n_grid = math.ceil(n_grid)
             seq, _ = draws(target, acp, "ddpm", n_grid, args.picard_values, seed=7)
             block = -(-n_grid // args.blocks)
@@ -340,8 +337,7 @@ def fits(rows: list[dict]) -> dict:
     return out
 
 
-def scan(make, acp, kind: str, level: float, dims, blocks: int, picard_max_d: int, name: str = "kl", check=None,
-         log=print) -> dict:
+def scan(make, acp, kind: str, level: float, dims, blocks: int, name: str = "kl", check=None, log=print) -> dict:
     """Per d: the fewest sequential steps to error <= level, then block Picard on the grid of level / 2 with the
     fewest sweeps reaching level (`make(d)` builds the target, whose error is called `name` in the rows;
     `check(target, n)` adds fields to a row)."""
@@ -354,13 +350,12 @@ def scan(make, acp, kind: str, level: float, dims, blocks: int, picard_max_d: in
             run_sampler(target, acp, kind, n_seq)
         row = {"d": d, "sequential_steps": n_seq, "sequential_calls": calls, f"sequential_{name}": err}
         msg = f"{kind} d = {d:6d}: sequential {n_seq:5d} steps ({calls} calls, error {err:.2e})"
-        if d <= picard_max_d:
-            n_grid = fewest_steps(target, acp, kind, level / 2)
-            k, err_par, rounds = fewest_sweeps(target, acp, kind, n_grid, blocks, level)
-            row.update({"picard_grid_steps": n_grid, "picard_sweeps": k, "picard_rounds": rounds,
-                        f"picard_{name}": err_par})
-            msg += (f"; block Picard on {n_grid} steps, {blocks} blocks x {k} sweeps = {rounds} rounds "
-                    f"(error {err_par:.2e})")
+        n_grid = fewest_steps(target, acp, kind, level / 2)
+        k, err_par, rounds = fewest_sweeps(target, acp, kind, n_grid, blocks, level)
+        row.update({"picard_grid_steps": n_grid, "picard_sweeps": k, "picard_rounds": rounds,
+                    f"picard_{name}": err_par})
+        msg += (f"; block Picard on {n_grid} steps, {blocks} blocks x {k} sweeps = {rounds} rounds "
+                f"(error {err_par:.2e})")
         if check is not None:
             row.update(check(target, n_seq))
         rows.append(row)
@@ -379,8 +374,7 @@ def run(args) -> dict:
     if "gaussian" in args.targets:
         for kind in args.samplers:
             res["samplers"][kind] = scan(lambda d: Gaussian(d, args.var_min, args.classes), acp, kind, args.kl,
-                                         args.dims, args.blocks, args.sde_picard_max_d if kind == "ddpm" else
-                                         max(args.dims))
+                                         args.dims, args.blocks)
             report(kind, res["samplers"][kind])
     if "mixture" in args.targets:
         mix = {"sep": args.sep, "std": args.std, "weight": args.weight, "w2_target": args.w2,
@@ -400,7 +394,7 @@ def run(args) -> dict:
                 mix["samplers"][kind] = sde_mixture(acp, args)
             else:
                 mix["samplers"][kind] = scan(lambda d: Mixture(d, args.sep, args.std, args.weight), acp, kind,
-                                             args.w2 ** 2, args.dims, args.blocks, max(args.dims), "w2sq",
+                                             args.w2 ** 2, args.dims, args.blocks, "w2sq",
                                              check=lambda t, n, kind=kind: check(t, n, kind))
             report(f"{kind} (mixture)", mix["samplers"][kind])
         res["mixture"] = mix
@@ -487,9 +481,6 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", choices=["gaussian", "mixture"], default=["gaussian", "mixture"])
     p.add_argument("--samplers", nargs="+", choices=["ode", "ddim", "ddpm"], default=["ode", "ddim", "ddpm"],
                    help="ode: Heun probability-flow ODE; ddim: its Euler step; ddpm: the SDE (ancestral) sampler")
-    p.add_argument("--sde-picard-max-d", type=int, default=128,
-                   help="block Picard of the SDE only up to this d (Gaussian: its exact output variance takes one "
-                        "probe per noise step, cost ~ N^2); its sequential N(d) is computed for every d")
     p.add_argument("--update", action="store_true",
                    help="keep the targets and samplers of an existing --json that this run does not compute "
                         "(same settings)")

@@ -181,7 +181,7 @@ def claims_section(docs: Path = DOCS) -> str:
         for kind, s in doc["samplers"].items():
             a, b = s["rows"][0], s["rows"][-1]
             par = [r for r in s["rows"] if "picard_rounds" in r]
-            upto = "" if par[-1] is b else f" (d <= {par[-1]['d']:,}: exact variance costs N^2)"
+            upto = "" if par[-1] is b else f" (d <= {par[-1]['d']:,})"
             rows.append(
                 f"| Picard rounds are poly-log in d (arXiv 2405.15986), {names.get(kind, kind)} | O~(poly log d) "
                 f"rounds; sequential poly(d) | d = {a['d']} -> {b['d']:,} at KL <= {doc['kl_target']:g}: sequential "

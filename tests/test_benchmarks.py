@@ -37,20 +37,21 @@ def test_picard_dimension_kl_is_exact_and_full_sweeps_give_the_sequential_answer
         assert kl <= 0.02 and (k == 1 or P.run_sampler(target, acp, kind, n, "block", 4, k - 1)[0] > 0.02)
 
 
-def test_picard_dimension_sde_variance_probes_are_exact():
-    """The DDPM sampler's output variance from probes of its linear map equals the one-line recursion
-    (sequential), equals the sequential one with full sweeps, and predicts a random run by linearity."""
+def test_picard_dimension_sde_variance_is_exact():
+    """The DDPM sampler's output variance from the gradient of its linear map equals the one-line recursion
+    (sequential), equals the sequential one with full sweeps, and equals the variance from probes of the map (one
+    unit noise at a time), which predict a random run by linearity."""
     P = script("picard_dimension")
     from pargen.samplers import diffusion as D
 
     target, acp, n = P.Gaussian(d=10, var_min=0.1, classes=4), P.vp_alphas(1024), 24
     eps, steps = target.eps(acp), D.make_steps(acp, n, "ddpm")
-    seq, calls = P.sde_variance(eps, steps, 4, chunk=5, method="sequential")
+    seq, calls = P.sde_variance(eps, steps, 4, method="sequential")
     assert calls == n and torch.allclose(seq, P.sde_variance_recursion(target, acp, n), rtol=1e-12, atol=0)
     block = {"method": "block", "block": 6, "tol": 0.0}
     full, _ = P.sde_variance(eps, steps, 4, **block, sweeps=6)
     assert torch.allclose(full, seq, rtol=1e-12, atol=0)
-    two, rounds = P.sde_variance(eps, steps, 4, chunk=7, **block, sweeps=2)
+    two, rounds = P.sde_variance(eps, steps, 4, **block, sweeps=2)
     assert rounds == 8 and (two - seq).abs().max() > 1e-3  # 4 blocks x 2 sweeps: not the sequential answer yet
     x_T, noise = D.draw(list(range(3)), (4,), steps, dtype=torch.float64)
     out = D.sample(eps, x_T, steps, noise=noise, **block, sweeps=2).x

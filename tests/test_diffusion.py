@@ -116,6 +116,16 @@ def test_block_picard_fixed_sweeps_costs_k_rounds_per_block():
     assert (more.x - seq.x).abs().max() < (par.x - seq.x).abs().max()
 
 
+def test_differentiable_sampling_gives_the_sequential_gradient_at_full_sweeps():
+    eps, steps, x_T, noise, y = setup("ddpm", n=12)
+    assert D.sample(eps, x_T.requires_grad_(), steps, noise=noise, y=y).x.grad_fn is None  # default: no graph
+    grads = []
+    for kw in ({}, {"method": "block", "block": 4, "sweeps": 4, "tol": 0.0}):
+        out = D.sample(eps, x_T, steps, noise=noise, y=y, differentiable=True, **kw).x
+        grads.append(torch.autograd.grad(out.square().sum(), x_T)[0])
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+
+
 def test_anderson_cuts_rounds_on_a_long_window():
     eps, steps, x_T, noise, y = setup("ddpm", seeds=(5,), n=100)
     seq = D.sample(eps, x_T, steps, noise=noise, y=y)

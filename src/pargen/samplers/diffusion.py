@@ -228,12 +228,14 @@ def draw(seeds: list[int] | Tensor, shape: tuple[int, ...], steps: Steps, device
 
 def sample(eps: EpsFn, x_T: Tensor, steps: Steps, *, noise: Tensor | None = None, y: Tensor | None = None,
            method: str = "sequential", window: int = 16, tol: float = 0.1, block: int = 20, sweeps: int | None = 4,
-           anderson: int = 0, callback: fp.Callback | None = None) -> DiffusionSample:
+           anderson: int = 0, callback: fp.Callback | None = None, differentiable: bool = False) -> DiffusionSample:
     """Run the sampler `steps` from x_T with the pre-drawn `noise` (see `draw`) by `method`.
 
     picard: sliding window of `window` steps, tolerance `tol` relative to each step's noise std (0: exact).
     block: blocks of `block` steps with at most `sweeps` sweeps each (None: until converged at `tol`).
     anderson: history depth of triangular Anderson mixing across sweeps (0: plain Picard).
+    differentiable: keep the autograd graph from x_T and the noise to the output (its memory grows with the
+    passes; the sequential path writes one step at a time and is slow to differentiate).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
@@ -244,7 +246,7 @@ def sample(eps: EpsFn, x_T: Tensor, steps: Steps, *, noise: Tensor | None = None
                          f"got {tuple(noise.shape)}")
     op = PicardOperator(eps, steps, x_T, noise, y)
     x0 = x_T[:, None].expand(x_T.shape[0], steps.n, *x_T.shape[1:])
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable):
         if method == "sequential":
             res = fp.solve(op, x0, window=1, callback=callback)
         elif method == "picard":

@@ -185,7 +185,8 @@ def _iterate(op: CausalOperator, x: Tensor, lo: int, hi: int, tol: float, cap: i
             den = _rms(seg)[:, None]
         else:
             den = scale[None, c:stop]
-        err = torch.where(need, _errors(out, old) / den, torch.zeros((), dtype=torch.float64, device=dev))
+        err = torch.where(need, _errors(out, old) / den,  # control flow only: outside any autograd graph
+                          torch.zeros((), dtype=torch.float64, device=dev)).detach()
         run = _leading_run((pos < frontier[:, None]) | (need & (err <= tol)))  # final or converged
         new = out
         if mixer is not None:  # the first non-converged position is final (see below): it keeps the exact value
