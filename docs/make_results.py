@@ -192,25 +192,15 @@ def claims_section(docs: Path = DOCS) -> str:
                 f"{s['fit_picard_rounds_vs_log_d']['r2']:.2f}) | `picard_dimension.json` |")
         mix = doc.get("mixture", {})
         for kind, s in mix.get("samplers", {}).items():
-            seq = [r for r in s["rows"] if r.get("sequential_calls")]
-            a, b = seq[0], seq[-1]
-            sde = kind == "ddpm"
-            how = (f"two-sample W2, {s['values']:,} draws per step count; larger d unresolved" if sde else
+            a, b = s["rows"][0], s["rows"][-1]
+            how = ("exact W2 of its law carried on a grid; two-sample estimates beside it" if kind == "ddpm" else
                    "exact W2 by quadrature")
-            spread = (f" ({b['sequential_steps_range'][0]:,}-{b['sequential_steps_range'][1]:,} within the noise)"
-                      if sde else "")
+            f = s["fit_picard_rounds_vs_log_d"]
             text = (f"d = {a['d']} -> {b['d']:,} at W2 <= {mix['w2_target']:g} ({how}): sequential "
-                    f"{a['sequential_calls']} -> {b['sequential_calls']:,} calls{spread} (~ d^"
-                    f"{s['fit_sequential_calls_vs_d']['exponent']:.2f})")
-            par = [r for r in s["rows"] if "picard_rounds" in r]
-            if par:
-                text += (f"; block Picard ({doc['blocks']} blocks) {par[0]['picard_rounds']} -> "
-                         f"{par[-1]['picard_rounds']} rounds" + (
-                             f" (d <= {par[-1]['d']:,}, where its grid, at a quarter of the error, is resolved)"
-                             if par[-1] is not b else ""))
-            if "fit_picard_rounds_vs_log_d" in s:
-                f = s["fit_picard_rounds_vs_log_d"]
-                text += f" (~ (ln d)^{f['exponent']:.2f}, R^2 {f['r2']:.2f})"
+                    f"{a['sequential_calls']} -> {b['sequential_calls']:,} calls (~ d^"
+                    f"{s['fit_sequential_calls_vs_d']['exponent']:.2f}); block Picard ({doc['blocks']} blocks) "
+                    f"{a['picard_rounds']} -> {b['picard_rounds']} rounds (~ (ln d)^{f['exponent']:.2f}, R^2 "
+                    f"{f['r2']:.2f})")
             rows.append(f"| Picard rounds are poly-log in d (arXiv 2405.15986), {names.get(kind, kind)}, Gaussian "
                         f"mixture | O~(poly log d) rounds; sequential poly(d) | {text} | `picard_dimension.json` |")
     doc = _doc(docs, "var_scaling.json")

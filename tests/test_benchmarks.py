@@ -93,9 +93,10 @@ def test_picard_dimension_mixture_score_quantiles_and_exact_w2():
     assert P.run_sampler(gauss, acp, "ode", 6)[0] == pytest.approx(float((alpha - 0.5) ** 2), rel=1e-9)
 
 
-def test_picard_dimension_two_sample_estimate_and_crossing():
-    """The two-sample W2^2 agrees with the exact quadrature within its stated noise, a pure shift gives its
-    square, and the step count where a grid of errors crosses a level is interpolated log-log."""
+def test_picard_dimension_two_sample_estimate_and_the_sde_law_on_a_grid():
+    """The two-sample W2^2 agrees with the exact quadrature within its stated noise and a pure shift gives its
+    square; the DDPM law carried on a grid gives the exact W2 of the Gaussian case (sep = 0, by the variance
+    recursion) and agrees with the two-sample estimate on the mixture."""
     P = script("picard_dimension")
     target, acp, gen = P.Mixture(d=1), P.vp_alphas(1000), torch.Generator().manual_seed(0)
     exact = [target.exact(2**16, gen) for _ in range(4)]
@@ -109,11 +110,16 @@ def test_picard_dimension_two_sample_estimate_and_crossing():
     assert abs(e - P.run_sampler(target, acp, "ddim", 8)[0]) < 4 * noise and noise < 0.1 * e
     block, _ = P.draws(target, acp, "ddpm", 8, 2**10, seed=5, method="block", block=4, sweeps=4, tol=0.0)
     assert torch.allclose(block, P.draws(target, acp, "ddpm", 8, 2**10, seed=5)[0], rtol=0, atol=1e-12)
-    grid = [{"steps": n, "w2sq_per_coordinate": 1.0 / n ** 2, "noise": 0.01 / n ** 2} for n in (10, 20, 40)]
-    assert P.crossing(grid, 1.0 / 30 ** 2) == pytest.approx(30)
-    assert P.crossing(grid, 1.0) is None and P.crossing(grid, 1e-5) is None
-    grid[-1]["noise"] = 1.0  # unresolved: the interpolation stops at the last resolved point
-    assert P.crossing(grid, 1.0 / 30 ** 2) is None
+    gauss, acp = P.Mixture(d=1, sep=0.0, s=0.5), P.vp_alphas(2**14)
+    for n in (16, 128):
+        v = P.sde_variance_recursion(P.Gaussian(1, 0.25, 1), acp, n)[0]
+        assert P.sde_law_w2(gauss, acp, n) == pytest.approx(float((v.sqrt() - 0.5) ** 2), rel=1e-3)
+    x, _ = P.draws(target, acp, "ddpm", 32, 2**17, seed=1)
+    e, noise = P.two_sample_w2(x, *(target.exact(2**17, gen) for _ in range(3)))
+    law = P.sde_law_w2(target, acp, 32)
+    assert abs(e - law) < 4 * noise and noise < 0.1 * law
+    wide = target.like(64)
+    assert P.kl_of(wide, acp, "ddpm", 32) == pytest.approx(64 * law) and wide.cache is target.cache
 
 
 def test_lowrank_threshold_degree_bound_turn_and_synthetic_heads():
