@@ -266,8 +266,32 @@ def test_convert_official_var_and_vae_then_sample(tmp_path, var_oracle):
     assert main(["convert", "var", str(tmp_path / "var.pth"), "--vae", str(tmp_path / "vae.pth"),
                  "--out", str(out)]) == 0
     var, meta = checkpoint.load(out)
-    tok, tmeta = checkpoint.load(meta["tokenizer"])
+    assert meta["tokenizer"] == "var-tiny-vae"  # named relative to the model's folder: the two move together
+    tok, tmeta = checkpoint.load(out.parent / meta["tokenizer"])
     assert meta["family"] == "var" and tmeta["family"] == "msvq" and tok.config.patch_nums == var.config.patch_nums
     assert torch.equal(var.head.weight, var_oracle["var_state_dict"]["head.weight"])
     assert main(["sample", str(out), "--n", "2", "--out", str(tmp_path / "g.png")]) == 0
     assert main(["convert", "var", str(tmp_path / "var.pth"), "--out", str(out)]) == 2  # --vae is required
+
+
+def test_a_converted_model_and_its_tokenizer_move_together(tmp_path, var_oracle, monkeypatch, capsys):
+    """Converted with relative paths, then moved and loaded from elsewhere: the tokenizer is found beside the
+    model; without it, one line says where it was looked for."""
+    import pargen
+    from pargen.cli.main import main
+
+    torch.save(var_oracle["var_state_dict"], tmp_path / "var.pth")
+    torch.save(var_oracle["vae_state_dict"], tmp_path / "vae.pth")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["convert", "var", "../var.pth", "--vae", "../vae.pth", "--out", "models/var-tiny"]) == 0
+    ref = pargen.load("models/var-tiny").sample([3, 4]).images
+    (tmp_path / "work" / "models").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(pargen.load("moved/var-tiny").sample([3, 4]).images, ref)
+    for f in (tmp_path / "moved").glob("var-tiny-vae.*"):
+        f.unlink()
+    capsys.readouterr()
+    assert main(["sample", "moved/var-tiny", "--n", "2", "--out", "g.png"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint 'var-tiny-vae' (not in moved, beside the checkpoint that names it;" in err, err

@@ -185,16 +185,31 @@ def load_state_file(path: str | os.PathLike) -> dict[str, Any]:
 BUNDLED = Path(__file__).parent / "checkpoints"
 
 
-def resolve(name_or_path: str) -> Path:
-    """A bundled checkpoint name (e.g. `tarflow-mnist`) or a path."""
-    p = stem(name_or_path)
-    if p.with_name(p.name + ".json").exists():
-        return p
-    b = BUNDLED / name_or_path
+def resolve(name_or_path: str | os.PathLike, near: str | os.PathLike | None = None) -> Path:
+    """A bundled checkpoint name (e.g. `tarflow-mnist`) or a path. `near`: the folder of the checkpoint that
+    names this one (see `link`), where a relative path is looked up first."""
+    tries = [stem(name_or_path)]
+    if near is not None and not tries[0].is_absolute():
+        tries.insert(0, Path(near) / tries[0])
+    for p in tries:
+        if p.with_name(p.name + ".json").exists():
+            return p
+    b = BUNDLED / str(name_or_path)
     if b.with_name(b.name + ".json").exists():
         return b
-    raise PargenError(f"no checkpoint {name_or_path!r} (neither a path nor one of the bundled: "
-                      f"{', '.join(sorted(q.stem for q in BUNDLED.glob('*.json'))) or 'none'})")
+    bundled = sorted(q.stem for q in BUNDLED.glob("*.json") if q.with_suffix(".safetensors").exists())
+    beside = f"not in {near}, beside the checkpoint that names it; " if near is not None else ""
+    raise PargenError(f"no checkpoint {str(name_or_path)!r} ({beside}neither a path nor one of the bundled: "
+                      f"{', '.join(bundled) or 'none'})")
+
+
+def link(target: str | os.PathLike, ckpt: str | os.PathLike) -> str:
+    """How checkpoint `ckpt` records another one it depends on (a tokenizer): a bundled one by its name, any
+    other by its path relative to `ckpt`'s folder, so that the two can be moved together (`resolve(..., near=)`)."""
+    t = stem(target)
+    if is_bundled(t):
+        return t.name
+    return Path(os.path.relpath(t.resolve(), stem(ckpt).resolve().parent)).as_posix()
 
 
 def user_dir() -> Path:

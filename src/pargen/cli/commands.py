@@ -568,14 +568,14 @@ def cmd_convert(args) -> int:
             if vq.config.vocab_size != gpt.config.vocab_size:
                 raise PargenError(f"{args.vq} has {vq.config.vocab_size} codes, {args.source} predicts "
                                   f"{gpt.config.vocab_size}")
-            meta["tokenizer"] = str(checkpoint.save(f"{checkpoint.stem(args.out)}-vq", vq,
-                                                    {"converted_from": Path(args.vq).name}))
+            vq_out = checkpoint.save(f"{checkpoint.stem(args.out)}-vq", vq, {"converted_from": Path(args.vq).name})
+            meta["tokenizer"] = checkpoint.link(vq_out, args.out)
         out = checkpoint.save(args.out, gpt, meta)
         c = gpt.config
         kv = f" ({c.kv} key/value heads)" if c.kv_heads else ""
         print(f"converted {args.source}: depth {c.depth}, width {c.width}, {c.heads} heads{kv}, {c.num_classes} "
               f"classes, {c.grid}x{c.grid} tokens of {c.vocab_size} -> {out}"
-              + (f"; tokenizer {args.vq} -> {meta['tokenizer']}" if vq is not None else
+              + (f"; tokenizer {args.vq} -> {vq_out}" if vq is not None else
                  " (no tokenizer given: sampling needs one, convert again with the VQ .pt)"))
         return 0
     if args.family == "var":
@@ -590,7 +590,7 @@ def cmd_convert(args) -> int:
             raise PargenError(f"{args.vae} (vocab {vae.config.vocab_size}, {vae.config.z_channels} channels) does "
                               f"not fit {args.source} (vocab {var.config.vocab_size}, {var.config.z_channels})")
         vae_out = checkpoint.save(f"{checkpoint.stem(args.out)}-vae", vae, {"converted_from": Path(args.vae).name})
-        out = checkpoint.save(args.out, var, {"converted_from": Path(args.source).name, "tokenizer": str(vae_out),
+        out = checkpoint.save(args.out, var, {"converted_from": Path(args.source).name, "tokenizer": checkpoint.link(vae_out, args.out),
                                               "size": vae.config.img_size})
         c = var.config
         print(f"converted {args.source}: depth {c.depth}, width {c.C}, {c.num_classes} classes, scales "
@@ -680,7 +680,7 @@ def cmd_train(args) -> int:
     if family in ("var", "raster", "c2f"):
         tok = tokenizer_for(args.tokenizer, cfg, args.device)
         loss_fn = functools.partial(loss_fn, tokenizer=tok)
-        meta["tokenizer"] = args.tokenizer
+        meta["tokenizer"] = checkpoint.link(checkpoint.resolve(args.tokenizer), args.out)  # the two move together
         if family == "c2f" and not (args.resume or args.init):
             model.set_clusters(tok.quantize.embedding.weight, args.seed)
             sizes = model.assign.bincount(minlength=cfg.coarse)

@@ -288,13 +288,15 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: st
     return FAMILIES[fam](model.to(dev, dt).eval().requires_grad_(False), meta, path, dev, dt)
 
 
-def tokenizer_for(name: str | None, cfg, device: torch.device | str, dtype: torch.dtype = torch.float32):
+def tokenizer_for(name: str | None, cfg, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                  near: Path | None = None):
     """The frozen tokenizer a token model trains or samples on (multi-scale for VAR, single-scale for raster
-    models), checked against the model's config."""
+    models), checked against the model's config; `near`: the folder of the model's checkpoint, which names its
+    tokenizer relative to it (`checkpoint.link`)."""
     want = "msvq" if hasattr(cfg, "patch_nums") else "vq"
     if not name:
         raise PargenError(f"this model needs --tokenizer CKPT (a trained {want} checkpoint)")
-    tok, meta = checkpoint.load(checkpoint.resolve(name))
+    tok, meta = checkpoint.load(checkpoint.resolve(name, near))
     if meta["family"] != want:
         raise PargenError(f"{name} is a {meta['family']} checkpoint; this model needs a {want} tokenizer")
     t = tok.config

@@ -4,12 +4,14 @@ against its uncached self and a raster model, and of CTF against the raster base
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .. import checkpoint
 from ..errors import PargenError
 from ..evaluation import bench as benchmod
 from ..evaluation import metrics
@@ -49,6 +51,13 @@ def _top(top_k: int | None, top_p: float | None) -> tuple[int, float]:
     return k, p
 
 
+def _tokenizer_path(pipe: Pipeline) -> Path | None:
+    """Where a token model's tokenizer is (its checkpoint names it relative to itself), to tell whether two models
+    share one."""
+    name = pipe.meta.get("tokenizer")
+    return checkpoint.resolve(name, pipe.path.parent).resolve() if name else None
+
+
 @family("var")
 class VARPipeline(Pipeline):
     family = "var"
@@ -57,7 +66,8 @@ class VARPipeline(Pipeline):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.tokenizer = tokenizer_for(self.meta.get("tokenizer"), self.model.config, self.device, self.dtype)
+        self.tokenizer = tokenizer_for(self.meta.get("tokenizer"), self.model.config, self.device, self.dtype,
+                                       self.path.parent)
 
     def settings(self, method: str = "auto", batch: int = 1, cfg: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, kv_cache: bool | None = None, lowrank_layers=None,
@@ -188,8 +198,8 @@ class RasterPipeline(Pipeline):
         self.options = ("cfg", "temperature", "top_k", "top_p", "window") + (
             ("aux_temperature", "mask_to_cluster") if self.ctf else ())
         # a converted GPT without its VQ still decodes tokens (bench raster times them); images need the VQ
-        self.tokenizer = tokenizer_for(self.meta["tokenizer"], self.model.config, self.device, self.dtype) \
-            if self.meta.get("tokenizer") or self.ctf else None
+        self.tokenizer = tokenizer_for(self.meta.get("tokenizer"), self.model.config, self.device, self.dtype,
+                                       self.path.parent) if self.meta.get("tokenizer") or self.ctf else None
 
     def settings(self, method: str = "auto", batch: int = 1, cfg: float | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -260,7 +270,7 @@ class RasterPipeline(Pipeline):
             base = load(raster, self.device, self.dtype)
             if base.family != "raster":
                 raise PargenError(f"{base.name} is a {base.family} checkpoint, not a raster AR model")
-            if base.meta.get("tokenizer") != self.meta.get("tokenizer"):
+            if _tokenizer_path(base) != _tokenizer_path(self):
                 raise PargenError("CTF and the raster baseline must share a tokenizer to be compared")
         records = []
         for B in batches:
@@ -287,7 +297,7 @@ class RasterPipeline(Pipeline):
         """FID / KID / IS of n samples per guidance scale against the first max(n, 1000) MNIST test images, as
         `pargen eval` does. Speculative Jacobi decoding draws 50 images per call from one generator (a draw
         from the same distribution; per-seed images would take one call per image)."""
-        from .. import checkpoint, data
+        from .. import data
 
         clf, _ = checkpoint.load(checkpoint.resolve("classifier-mnist"))
         real = data.load("mnist", "test").float()[: max(n, 1000)]
