@@ -105,6 +105,30 @@ def test_output_carries_the_cost_and_text_encodes_once():
     assert "forward" not in pipe.unet.__dict__  # the denoiser is restored
 
 
+def test_what_the_pipeline_says_is_said_once_not_once_per_replay():
+    """DDPMPipeline with an Euler scheduler logs a warning at every step (it never calls scale_model_input):
+    the parallel call logs exactly what the pipeline's own call logs, and diffusers' log level is restored."""
+    import logging
+
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = T.ddpm()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    log, records = logging.getLogger("diffusers"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log.addHandler(handler)
+    level = log.level
+    try:
+        fast = PD.parallel(pipe, window=4, tol=1e-3)
+        _run(pipe, fast, batch_size=1, num_inference_steps=12)
+    finally:
+        log.removeHandler(handler)
+    said = [r for r in records if "scale_model_input" in r.getMessage()]
+    assert fast.cost.replays > 2 and len(said) == 2 * 12  # 12 steps: the pipeline's own call, then pargen's
+    assert log.level == level
+
+
 def test_bad_input_is_a_one_line_error():
     with pytest.raises(PargenError, match="not a diffusers pipeline"):
         PD.parallel(object())

@@ -28,8 +28,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import contextlib
 import inspect
+import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -61,6 +64,21 @@ class Cost:
 class _Enough(BaseException):
     """Ends a replay once every input the next round can need is recorded (a BaseException, so that no
     `except Exception` in a pipeline swallows it)."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silences the pipeline's warnings and diffusers' log in a replay that is not the last, so that what the
+    pipeline says (a per-step warning, a deprecation) is said once, as by its own call, not once per replay."""
+    log = logging.getLogger("diffusers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _flatten(x: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -289,7 +307,8 @@ class Parallel:
             decode["skip"] = not final
             cost.replays += 1
             try:
-                return pipe(*args, **kwargs)
+                with contextlib.nullcontext() if final else _quiet():
+                    return pipe(*args, **kwargs)
             except _Enough:
                 return None
 
