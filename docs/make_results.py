@@ -145,6 +145,29 @@ def peer_lines(docs: Path) -> list[str]:
     return lines
 
 
+def tarflow_peer_lines(docs: Path) -> list[str]:
+    """pargen's TarFlow samplers against the GS-Jacobi authors' code on the same model (benchmarks/tarflow_peer.py)."""
+    doc = _doc(docs, "bench_tarflow_peer.json")
+    if doc is None:
+        return []
+    recs = doc["records"]
+    bad = [r["method"] for r in recs if r.get("noisy")]
+    if bad:
+        raise Noisy(f"bench_tarflow_peer.json: {', '.join(sorted(set(bad)))} measured on a noisy machine")
+    g = doc["guidance"]
+    lines = [f"pargen's TarFlow samplers vs the GS-Jacobi authors' code (`{doc['peer']}`) on `{doc['checkpoint']}`, "
+             f"same noise, guidance {g['guidance']:g}{' annealed' if g['annealed_guidance'] else ''}, no denoising "
+             "step; errors against pargen's sequential answer on [-1, 1]; speed-ups against pargen's sequential "
+             "sampler and against the side's own (`bench_tarflow_peer.json`):", "",
+             "| batch | method | rounds | max abs err | rel err | wall ms | vs pargen sequential | vs own sequential |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {r['batch']} | {r['method']} | {r['rounds']} | {_num(r['max_abs_err'])} | "
+                     f"{_num(r['rel_err'])} | {1e3 * r['wall_s_median']:.3g} | {_speed(r)} | "
+                     f"{r['speedup_vs_own_sequential']:.2f}x |")
+    return lines
+
+
 def section(docs: Path = DOCS) -> str:
     head = ["| model | batch | baseline | method | calls | speed-up | max abs err | "
             "FID base / fast | source |", "|---|---|---|---|---|---|---|---|---|"]
@@ -159,7 +182,7 @@ def section(docs: Path = DOCS) -> str:
             "of those ratios in brackets; `*`: measured before the harness interleaved its runs (baseline median "
             "/ method median). A file whose pair ratios disagree (the machine was shared) is refused. `-` as error: another model (VAR or CTF against raster AR) or another draw from the same "
             "distribution (speculative Jacobi decoding, `sjd`).")
-    peer = peer_lines(docs)
+    peer = peer_lines(docs) + [""] + tarflow_peer_lines(docs)
     return "\n".join([START, "", *head, *rows, "", note, "", *quality_lines(docs), "", *(peer + [""] if peer else []),
                       END])
 

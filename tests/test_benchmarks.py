@@ -161,3 +161,33 @@ def test_var_scaling_fit_params_and_evaluation_on_a_tiny_model():
     tok = tokenizer_for("msvq-mnist", cfg, "cpu")
     loss, err = V.evaluate(model, tok, data.load("mnist", "test", 32), 8, batch=4)
     assert 0 < loss < 2 * math.log(cfg.vocab_size) and 0 < err <= 1
+
+
+def test_tarflow_peer_machinery_without_the_peer(tmp_path):
+    """The peer side-by-side script: the paper's per-block lists, call counting and the clamp switch on a stand-in
+    module loaded as the peer's (all restored afterwards), each side's speed-up from per-round ratios, and a clear
+    refusal of a folder that is not the peer's checkout. (The peer itself is not in CI; its figures are in
+    docs/bench_tarflow_peer.json.)"""
+    P = script("tarflow_peer")
+    s = P.peer_strategy(4, 0, 7, 32, 10)
+    assert s == {"num_GS_list": [7, 1, 1, 1], "max_jacobi_list": [32, 10, 10, 10], "guess_list": [0, 0, 0, 0]}
+    with pytest.raises(SystemExit, match="not a checkout of encoreus/GS-Jacobi_for_TarFlow"):
+        P.load_peer(tmp_path)
+    (tmp_path / "GS_Jacobi_sampling.py").write_text(
+        "import torch\n\n\nclass MetaBlock:\n    def reverse_substep(self, x, y=None):\n"
+        "        return torch.clamp(x, -3, 3)\n")
+    peer = P.load_peer(tmp_path)
+    x = torch.full((2, 5, 3), 4.0)
+    with P.counted(peer) as seen:
+        for _ in range(3):
+            out = peer.MetaBlock().reverse_substep(x)
+    assert seen == {"calls": 3, "rows": 15} and out.max() == 3
+    with P.unclamped(peer):
+        assert torch.equal(peer.MetaBlock().reverse_substep(x), x)  # the peer's own code, its clamp the identity
+    assert peer.torch is torch and peer.MetaBlock().reverse_substep(x).max() == 3
+    assert peer.MetaBlock.reverse_substep.__name__ == "reverse_substep"  # the counter is gone
+    recs = [{"method": "pargen sequential", "wall_s": [2.0, 4.0, 2.0]}, {"method": "pargen auto", "wall_s": [1.0, 1.0, 2.0]},
+            {"method": "peer sequential", "wall_s": [3.0, 3.0, 3.0]}, {"method": "peer jacobi", "wall_s": [1.0, 3.0, 1.5]}]
+    P.own_speedups(recs, "pargen sequential")
+    P.own_speedups(recs, "peer sequential")
+    assert [r["speedup_vs_own_sequential"] for r in recs] == [1.0, 2.0, 1.0, 2.0]
