@@ -125,14 +125,24 @@ def quality_lines(docs: Path) -> list[str]:
     return lines
 
 
-def peer_lines(docs: Path) -> list[str]:
-    """pargen.diffusers against diffusers' StableDiffusionParadigmsPipeline (benchmarks/diffusers_peer.py)."""
-    recs = _doc(docs, "bench_diffusers_peer.json")
-    if recs is None:
-        return []
+def _quiet_records(docs: Path, name: str, key: str | None = None) -> tuple[dict | list | None, list[dict]]:
+    """A side-by-side file (None and no records when absent) and its records, refused when they were measured on a
+    noisy machine."""
+    doc = _doc(docs, name)
+    if doc is None:
+        return None, []
+    recs = doc[key] if key else doc
     bad = [r["method"] for r in recs if r.get("noisy")]
     if bad:
-        raise Noisy(f"bench_diffusers_peer.json: {', '.join(sorted(set(bad)))} measured on a noisy machine")
+        raise Noisy(f"{name}: {', '.join(sorted(set(bad)))} measured on a noisy machine")
+    return doc, recs
+
+
+def peer_lines(docs: Path) -> list[str]:
+    """pargen.diffusers against diffusers' StableDiffusionParadigmsPipeline (benchmarks/diffusers_peer.py)."""
+    _, recs = _quiet_records(docs, "bench_diffusers_peer.json")
+    if not recs:
+        return []
     r0 = recs[0]
     lines = [f"pargen.diffusers vs diffusers' ParaDiGMS on the tiny Stable Diffusion pipeline ({r0['steps']} "
              f"`{r0['scheduler']}` steps, guidance, batch 1, window {r0['window']}, the same tolerance convention; "
@@ -147,13 +157,9 @@ def peer_lines(docs: Path) -> list[str]:
 
 def tarflow_peer_lines(docs: Path) -> list[str]:
     """pargen's TarFlow samplers against the GS-Jacobi authors' code on the same model (benchmarks/tarflow_peer.py)."""
-    doc = _doc(docs, "bench_tarflow_peer.json")
-    if doc is None:
+    doc, recs = _quiet_records(docs, "bench_tarflow_peer.json", "records")
+    if not recs:
         return []
-    recs = doc["records"]
-    bad = [r["method"] for r in recs if r.get("noisy")]
-    if bad:
-        raise Noisy(f"bench_tarflow_peer.json: {', '.join(sorted(set(bad)))} measured on a noisy machine")
     g = doc["guidance"]
     lines = [f"pargen's TarFlow samplers vs the GS-Jacobi authors' code (`{doc['peer']}`) on `{doc['checkpoint']}`, "
              f"same noise, guidance {g['guidance']:g}{' annealed' if g['annealed_guidance'] else ''}, no denoising "
@@ -165,6 +171,21 @@ def tarflow_peer_lines(docs: Path) -> list[str]:
         lines.append(f"| {r['batch']} | {r['method']} | {r['rounds']} | {_num(r['max_abs_err'])} | "
                      f"{_num(r['rel_err'])} | {1e3 * r['wall_s_median']:.3g} | {_speed(r)} | "
                      f"{r['speedup_vs_own_sequential']:.2f}x |")
+    return lines
+
+
+def official_lines(docs: Path) -> list[str]:
+    """pargen's samplers against the official VAR and LlamaGen ones on the same weights (benchmarks/official_samplers.py)."""
+    _, recs = _quiet_records(docs, "bench_official_samplers.json")
+    if not recs:
+        return []
+    lines = ["pargen's samplers vs the official ones on the same weights (random, official sizes), from the same seed in "
+             "the official protocol; max abs difference of the images on [0, 1] (VAR) or of the token ids (LlamaGen: "
+             "0 = the same tokens); speed-up against the official sampler (`bench_official_samplers.json`):", "",
+             "| model | batch | sampler | sequential calls | max abs diff | wall s | speed-up |", "|---|---|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['rounds']} | {_num(r['max_abs_err'])} | "
+                     f"{r['wall_s_median']:.3g} | {_speed(r)} |")
     return lines
 
 
@@ -183,6 +204,9 @@ def section(docs: Path = DOCS) -> str:
             "/ method median). A file whose pair ratios disagree (the machine was shared) is refused. `-` as error: another model (VAR or CTF against raster AR) or another draw from the same "
             "distribution (speculative Jacobi decoding, `sjd`).")
     peer = peer_lines(docs) + [""] + tarflow_peer_lines(docs)
+    official = official_lines(docs)
+    if official:
+        peer += [""] + official
     return "\n".join([START, "", *head, *rows, "", note, "", *quality_lines(docs), "", *(peer + [""] if peer else []),
                       END])
 

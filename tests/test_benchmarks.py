@@ -191,3 +191,28 @@ def test_tarflow_peer_machinery_without_the_peer(tmp_path):
     P.own_speedups(recs, "pargen sequential")
     P.own_speedups(recs, "peer sequential")
     assert [r["speedup_vs_own_sequential"] for r in recs] == [1.0, 2.0, 1.0, 2.0]
+
+
+def test_official_samplers_puts_the_checkout_on_the_path_only_while_it_runs(tmp_path, monkeypatch, capsys):
+    """The official-sampler comparison runs the official code from a checkout (not in CI; figures in
+    docs/bench_official_samplers.json): a folder that is not one is refused by name; a checkout's modules are
+    importable inside the block and forgotten after it (VAR and LlamaGen both have a top-level `utils`)."""
+    import sys
+
+    O = script("official_samplers")
+    with pytest.raises(SystemExit, match="not a checkout of FoundationVision/VAR"):
+        with O.official_code(str(tmp_path), "models/var.py", "FoundationVision/VAR"):
+            pass
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "var.py").write_text("")
+    (tmp_path / "utils_for_test.py").write_text("WHERE = 'var checkout'\n")
+    before = sys.path[:]
+    with O.official_code(str(tmp_path), "models/var.py", "FoundationVision/VAR"):
+        import utils_for_test
+
+        assert utils_for_test.WHERE == "var checkout"
+    assert sys.path == before and "utils_for_test" not in sys.modules
+    monkeypatch.setattr("sys.argv", ["official_samplers.py"])
+    with pytest.raises(SystemExit):
+        O.main()
+    assert "give --var and / or --llamagen" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The library API (`pargen.load(...).sample / .bench / .calibrate`): what the README shows runs, images depend on
 their seed only, reduced precision stays close to float32, the auto rule and the calibration records, host syncs."""
 import collections
+import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,6 +160,13 @@ def test_readme_results_refuse_a_noisy_bench_file(tmp_path):
     fast = {**rec, "method": "f", "speedup": 2.0, "speedup_q1": 1.9, "speedup_q3": 2.1, "noisy": False}
     rows = mr.speed_rows([{**rec, "noisy": False}, fast], "model", "f.json")
     assert len(rows) == 1 and "**2.00x** (1.90-2.10)" in rows[0]
+    side = {**fast, "model": "VAR-d16", "max_abs_err": 0.0}
+    (tmp_path / "bench_official_samplers.json").write_text(json.dumps([side, {**side, "noisy": True}]))
+    with pytest.raises(mr.Noisy, match="bench_official_samplers.json: f measured on a noisy machine"):
+        mr.official_lines(tmp_path)
+    (tmp_path / "bench_official_samplers.json").write_text(json.dumps([side]))
+    assert mr.official_lines(tmp_path)[-1] == "| VAR-d16 | 1 | f | 1 | 0 | 1 | **2.00x** (1.90-2.10) |"
+    assert mr.tarflow_peer_lines(tmp_path) == []  # a side-by-side file that is absent gives no table
 
 
 @contextmanager

