@@ -42,7 +42,9 @@ def _check(pipe, window: int = 4, loose: float = 1e-2, close: float = 1e-3, **kw
     ref, out = _run(pipe, exact, **kw)
     assert out.shape == ref.shape and np.abs(out - ref).max() <= EXACT
     c = exact.cost
-    assert c.calls >= 2 and c.rounds <= c.calls and c.evaluations >= c.rounds and len(c.residuals) == c.rounds - 1
+    # the first replay runs each solved model's first call for real (the UNet's, and a ControlNet's before it)
+    assert c.calls >= 2 and c.rounds <= c.calls and c.evaluations >= c.rounds
+    assert len(c.residuals) == c.rounds - len(exact.models)
     fast = PD.parallel(pipe, window=window, tol=loose)
     ref, out = _run(pipe, fast, **kw)
     assert fast.cost.rounds < c.calls and np.abs(out - ref).max() <= close
@@ -58,6 +60,7 @@ PIPELINES = {
                                    height=16, width=16)),
     "img2img": (lambda: T.sd(img2img=True), dict(KW_SD, image=_image(), strength=0.75)),
     "inpaint": (lambda: T.sd(inpaint=True), dict(KW_SD, image=_image(), mask_image=_image(1).convert("L"))),
+    "controlnet": (T.sd_controlnet, dict(KW_SD, image=_image())),
 }
 
 
@@ -103,6 +106,34 @@ def test_output_carries_the_cost_and_text_encodes_once():
     assert out.pargen is fast.cost and fast.cost.replays == fast.cost.rounds + 1
     assert len(calls) == 2  # prompt and negative prompt, once each for all replays
     assert "forward" not in pipe.unet.__dict__  # the denoiser is restored
+
+
+def test_a_controlnet_is_solved_with_the_denoiser_not_rerun_in_every_replay():
+    """A ControlNet's outputs feed the UNet at every step: pargen batches its calls in the same windows (one
+    batched ControlNet call per round, as for the UNet), instead of running it for real in every replay."""
+    import functools
+
+    pipe = T.sd_controlnet()
+    real, seen = pipe.controlnet.forward, []
+
+    @functools.wraps(real)
+    def counting(*a, **k):
+        seen.append(a[0].shape[0] if a else k["sample"].shape[0])
+        return real(*a, **k)
+
+    pipe.controlnet.forward = counting
+    try:
+        fast = PD.parallel(pipe, window=4, tol=0)
+        ref, out = _run(pipe, fast, **KW_SD, image=_image())
+    finally:
+        del pipe.controlnet.forward
+    c = fast.cost
+    steps = KW_SD["num_inference_steps"]
+    assert np.abs(out - ref).max() <= EXACT and c.calls == 2 * steps  # a ControlNet and a UNet call per step
+    # the pipeline's own 8 calls, then 1 in the first replay and one batched call per window: none in replays
+    assert len(seen) == steps + 1 + len(c.residuals) and c.rounds == 2 + len(c.residuals)
+    controlnet_inputs = sum(seen[steps:]) // 4  # 4 rows per call (2 prompts x guidance)
+    assert controlnet_inputs < c.evaluations <= 2 * controlnet_inputs + 1  # and about as many UNet inputs
 
 
 def test_what_the_pipeline_says_is_said_once_not_once_per_replay():

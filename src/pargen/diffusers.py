@@ -14,7 +14,9 @@ unchanged, many times ("replays"), with the denoiser replaced by a proxy:
 - in a replay the proxy answers call i with the denoiser's output at the input u_i seen in the previous replay
   (all calls of a window were evaluated in one batched denoiser call) and records the new input u'_i;
 - calls before the frontier are final (their outputs were evaluated at their true inputs); after a replay the
-  frontier moves past every window call whose input changed by at most `tol` (at least one call per round);
+  frontier moves past every window call whose inputs changed by at most `tol` (at least one call per round);
+- a ControlNet, called on the noisy input beside the denoiser at every step, is solved with it the same way (its
+  calls batched per window), rather than run for real in every replay;
 - calls the window has not reached get the latest output evaluated before them, a guess like any other; a
   replay stops once it has recorded every input the next window can need.
 
@@ -42,6 +44,9 @@ from torch import Tensor
 from .errors import PargenError
 
 DENOISERS = ("unet", "transformer", "prior", "decoder")  # the attribute a pipeline keeps its denoiser in
+# models called on the noisy input beside the denoiser at every step, whose outputs feed it: solved with it (a
+# ControlNet run for real in every replay would cost a model call per step per replay)
+BESIDE = ("controlnet",)
 TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 
 
@@ -49,9 +54,9 @@ TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
 class Cost:
     """What one parallel call cost, next to what the pipeline's own loop costs."""
 
-    calls: int = 0  # denoiser calls the pipeline makes (the sequential rounds)
-    rounds: int = 0  # sequential (batched) denoiser calls pargen made
-    evaluations: int = 0  # denoiser inputs evaluated (a window call of w inputs counts w)
+    calls: int = 0  # model calls the pipeline makes (the sequential rounds): the denoiser's, and a ControlNet's
+    rounds: int = 0  # dependent steps pargen made: one per window (one batched call per model), one per first call
+    evaluations: int = 0  # model inputs evaluated (a window call of w inputs counts w)
     replays: int = 0  # runs of the pipeline's own loop (cheap: no denoiser calls)
     residuals: list[float] = field(default_factory=list)  # per round: the largest input change in the window
     window: int = 0
@@ -91,13 +96,23 @@ def _flatten(x: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 @dataclass
 class _Call:
-    """One denoiser call, its arguments bound to the forward's parameter names; the first is the noisy input."""
+    """One model call, its arguments bound to the forward's parameter names; the first is the noisy input."""
 
     kwargs: dict
     first: str
+    model: int = 0  # which of the solved models (the denoiser is 0)
 
     def sample(self) -> Tensor:
         return self.kwargs[self.first]
+
+
+def _moved(new: _Call, old: _Call) -> float:
+    """The largest RMS change between two recordings of a call, over every tensor input (the noisy input, and
+    what earlier calls fed it, such as ControlNet residuals)."""
+    a, b = _flatten(new.kwargs), _flatten(old.kwargs)
+    return max((float((u - v).double().pow(2).mean().sqrt()) for (_, u), (_, v) in zip(a, b)
+                if isinstance(u, Tensor) and u.is_floating_point() and isinstance(v, Tensor) and u.shape == v.shape),
+               default=0.0)
 
 
 def _rows(v: Any, b: int, name: str) -> Tensor | None:
@@ -120,6 +135,9 @@ def _batch(calls: list[_Call]) -> dict:
         v0 = values[0]
         if isinstance(v0, dict):
             return {k: merge([v[k] for v in values], f"{name}.{k}") for k in v0}
+        if isinstance(v0, (list, tuple)) and len(v0) and all(isinstance(v, type(v0)) and len(v) == len(v0)
+                                                             for v in values):  # e.g. ControlNet residuals
+            return type(v0)(merge([v[i] for v in values], f"{name}[{i}]") for i in range(len(v0)))
         rows = [_rows(v, n, name) for v, n in zip(values, b)]
         if all(r is not None for r in rows):
             dev = next((r.device for r in rows if r.device.type != "cpu"), rows[0].device)
@@ -136,17 +154,19 @@ def _batch(calls: list[_Call]) -> dict:
 
 
 def _split(out: Any, sizes: list[int]) -> list[Any]:
-    """The batched call's output cut back into one output per call (tensors, tuples and diffusers outputs)."""
+    """The batched call's output cut back into one output per call (tensors, nested in tuples, lists and diffusers
+    outputs; anything else, such as None, is the same for every call)."""
     if isinstance(out, Tensor):
         return list(out.split(sizes))
-    if isinstance(out, tuple):
-        parts = [_split(v, sizes) if isinstance(v, Tensor) else [v] * len(sizes) for v in out]
-        return [tuple(p[i] for p in parts) for i in range(len(sizes))]
+    if type(out) in (tuple, list):
+        parts = [_split(v, sizes) for v in out]
+        return [type(out)(p[i] for p in parts) for i in range(len(sizes))]
     if dataclasses.is_dataclass(out):
         names = [f.name for f in dataclasses.fields(out)]
-        parts = {k: _split(getattr(out, k), sizes) if isinstance(getattr(out, k), Tensor) else
-                 [getattr(out, k)] * len(sizes) for k in names}
+        parts = {k: _split(getattr(out, k), sizes) for k in names}
         return [type(out)(**{k: parts[k][i] for k in names}) for i in range(len(sizes))]
+    if out is None or isinstance(out, (bool, int, float, str)):
+        return [out] * len(sizes)
     raise PargenError(f"cannot split the denoiser's output of type {type(out).__name__}")
 
 
@@ -154,8 +174,8 @@ def _clone(out: Any) -> Any:
     """A fresh copy, so that in-place edits by the pipeline or scheduler cannot reach pargen's stored outputs."""
     if isinstance(out, Tensor):
         return out.clone()
-    if isinstance(out, tuple):
-        return tuple(_clone(v) for v in out)
+    if type(out) in (tuple, list):
+        return type(out)(_clone(v) for v in out)
     if dataclasses.is_dataclass(out):
         return type(out)(**{f.name: _clone(getattr(out, f.name)) for f in dataclasses.fields(out)})
     return out
@@ -183,6 +203,12 @@ def find_denoiser(pipe) -> tuple[str, torch.nn.Module]:
                       "run in parallel")
 
 
+def solved_models(pipe) -> list[tuple[str, torch.nn.Module]]:
+    """The models pargen answers from batched window calls: the denoiser, then any ControlNet beside it."""
+    return [find_denoiser(pipe)] + [(n, getattr(pipe, n)) for n in BESIDE
+                                    if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+
+
 class Parallel:
     """`pipe` with its denoising loop solved by Picard iteration over windows of denoiser calls."""
 
@@ -200,7 +226,8 @@ class Parallel:
             raise PargenError(f"tol_scale must be 'none' or 'noise', not {tol_scale!r}")
         self.pipe, self.method, self.window, self.tol, self.max_rounds = pipe, method, window, tol, max_rounds
         self.tol_scale = tol_scale
-        self.denoiser_name, self.denoiser = find_denoiser(pipe)
+        self.models = solved_models(pipe)
+        self.denoiser_name, self.denoiser = self.models[0]
         self.cost = Cost()
 
     def __repr__(self) -> str:
@@ -231,50 +258,53 @@ class Parallel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The pipeline's own `__call__`, same arguments and output (with `.pargen`, the cost, attached)."""
-        pipe, den = self.pipe, self.denoiser
+        pipe = self.pipe
         restore = self._restorer(kwargs.get("generator"))
         sched0 = copy.deepcopy(pipe.scheduler.__dict__)
-        real = den.forward
+        reals = [m.forward for _, m in self.models]
         cost = Cost(window=self.window, tol=self.tol)
-        inputs: list[_Call] = []  # the latest replay's denoiser call inputs
+        inputs: list[_Call] = []  # the latest replay's model call inputs, in call order
         outputs: dict[int, Any] = {}  # evaluated outputs, by call index
+        latest: dict[int, int] = {}  # per model, the index of its latest evaluated call (a guess for later ones)
         state = {"mode": "record", "i": 0, "stop": None}
 
-        sig = inspect.signature(real)
-        first = next(iter(sig.parameters))
+        def make_proxy(m: int):
+            real = reals[m]
+            sig = inspect.signature(real)
+            first = next(iter(sig.parameters))
 
-        def proxy(*a, **k):
-            i = state["i"]
-            if state["stop"] is not None and i >= state["stop"]:
-                raise _Enough
-            state["i"] += 1
-            try:
-                bound = dict(sig.bind(*a, **k).arguments)
-            except TypeError as e:
-                raise PargenError(f"cannot read the denoiser's arguments: {e}") from None
-            extra = bound.pop(next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None), {})
-            if not isinstance(bound.get(first), Tensor):
-                raise PargenError(f"the denoiser's first argument {first!r} is not a tensor; pargen cannot batch "
-                                  "this pipeline's calls")
-            call = _Call({**bound, **extra, first: bound[first].clone()}, first)
-            if state["mode"] == "real":  # the pipeline's own loop, counted
-                inputs.append(call)
-                cost.rounds += 1
-                cost.evaluations += 1
-                return real(*a, **k)
-            if state["mode"] == "first":  # the first round: call 0 for real, every later call gets its output
-                if i == 0:
-                    outputs[0] = _clone(real(*a, **k))
+            def proxy(*a, **k):
+                i = state["i"]
+                if state["stop"] is not None and i >= state["stop"]:
+                    raise _Enough
+                state["i"] += 1
+                try:
+                    bound = dict(sig.bind(*a, **k).arguments)
+                except TypeError as e:
+                    raise PargenError(f"cannot read the {self.models[m][0]}'s arguments: {e}") from None
+                extra = bound.pop(next((n for n, p in sig.parameters.items() if p.kind is p.VAR_KEYWORD), None), {})
+                if not isinstance(bound.get(first), Tensor):
+                    raise PargenError(f"the {self.models[m][0]}'s first argument {first!r} is not a tensor; pargen "
+                                      "cannot batch this pipeline's calls")
+                call = _Call({**bound, **extra, first: bound[first].clone()}, first, m)
+                if state["mode"] == "real":  # the pipeline's own loop, counted
+                    inputs.append(call)
                     cost.rounds += 1
                     cost.evaluations += 1
-                inputs.append(call)
-                return _clone(outputs[0])
-            if i < len(inputs):
-                inputs[i] = call
-            else:
-                inputs.append(call)
-            # evaluated calls are always 0 .. len(outputs) - 1 (windows only move forward, without gaps)
-            return _clone(outputs[min(i, len(outputs) - 1)])
+                    return real(*a, **k)
+                if state["mode"] == "first":  # the first call of each model for real, later ones get its output
+                    if m not in latest:
+                        outputs[i], latest[m] = _clone(real(*a, **k)), i
+                        cost.rounds += 1
+                        cost.evaluations += 1
+                    inputs.append(call)
+                    return _clone(outputs[latest[m]])
+                if i < len(inputs):
+                    inputs[i] = call
+                else:
+                    inputs.append(call)
+                return _clone(outputs[i if i in outputs else latest[m]])
+            return proxy
 
         patched: list[tuple[Any, str, Any]] = []
         missing = object()
@@ -315,7 +345,8 @@ class Parallel:
         progress = getattr(pipe, "_progress_bar_config", None)
         try:
             pipe.set_progress_bar_config(disable=True)
-            patch(den, "forward", proxy)
+            for m, (_, module) in enumerate(self.models):
+                patch(module, "forward", make_proxy(m))
             for name in TEXT:
                 m = getattr(pipe, name, None)
                 if isinstance(m, torch.nn.Module):
@@ -339,7 +370,7 @@ class Parallel:
                 out = replay(final=True)
                 cost.calls = len(inputs)
             else:
-                out = self._solve(replay, state, inputs, outputs, real, cost)
+                out = self._solve(replay, state, inputs, outputs, latest, reals, cost)
         except ValueError as e:  # the pipeline's own checks (prompt / generator / image mismatches ...)
             raise PargenError(f"{type(pipe).__name__}: {e}") from None
         finally:
@@ -359,7 +390,8 @@ class Parallel:
             pass
         return out
 
-    def _solve(self, replay, state, inputs: list[_Call], outputs: dict[int, Any], real, cost: Cost) -> Any:
+    def _solve(self, replay, state, inputs: list[_Call], outputs: dict[int, Any], latest: dict[int, int],
+               reals: list[Callable], cost: Cost) -> Any:
         state["mode"] = "first"
         replay()
         n = len(inputs)
@@ -367,22 +399,26 @@ class Parallel:
         if n == 0:
             raise PargenError(f"{type(self.pipe).__name__} never called its {self.denoiser_name}; nothing to solve")
         state["mode"] = "window"
+        span = self.window * len(self.models)  # a window of w steps: w calls of each solved model
         c = 1  # calls < c are final; call c's recorded input is exact (it follows from final calls only)
         scale = self._scales(inputs)
         while c < n:
             if self.max_rounds is not None and cost.rounds >= self.max_rounds:
                 raise PargenError(f"no convergence within {self.max_rounds} rounds (window {self.window}, tol "
                                   f"{self.tol:g})")
-            hi = min(n, c + self.window)
-            batch = inputs[c:hi]
-            for i, o in zip(range(c, hi), _split(real(**_batch(batch)), [x.sample().shape[0] for x in batch])):
-                outputs[i] = o
+            hi = min(n, c + span)
+            for m, real in enumerate(reals):  # one batched call per model, all at the recorded inputs
+                idx = [i for i in range(c, hi) if inputs[i].model == m]
+                if idx:
+                    batch = [inputs[i] for i in idx]
+                    for i, o in zip(idx, _split(real(**_batch(batch)), [x.sample().shape[0] for x in batch])):
+                        outputs[i] = o
+                    latest[m] = idx[-1]
             cost.rounds += 1
             cost.evaluations += hi - c
-            old = [x.sample() for x in batch]
-            replay(stop=hi + self.window)  # the next window starts at or before hi
-            new = [inputs[i].sample() for i in range(c, hi)]
-            errs = [float((u - v).double().pow(2).mean().sqrt()) / s for u, v, s in zip(new, old, scale[c:hi])]
+            old = inputs[c:hi]
+            replay(stop=hi + span)  # the next window starts at or before hi
+            errs = [_moved(inputs[i], o) / s for i, o, s in zip(range(c, hi), old, scale[c:hi])]
             cost.residuals.append(max(errs, default=0.0))
             step = 1  # call c was evaluated at its true input: final
             while c + step < hi and errs[step] <= self.tol:
