@@ -61,6 +61,7 @@ PIPELINES = {
     "img2img": (lambda: T.sd(img2img=True), dict(KW_SD, image=_image(), strength=0.75)),
     "inpaint": (lambda: T.sd(inpaint=True), dict(KW_SD, image=_image(), mask_image=_image(1).convert("L"))),
     "controlnet": (T.sd_controlnet, dict(KW_SD, image=_image())),
+    "sdxl": (T.sdxl, KW_SD),
 }
 
 

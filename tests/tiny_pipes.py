@@ -99,6 +99,25 @@ def sd_controlnet():
     return _quiet(StableDiffusionControlNetPipeline(**parts, controlnet=net))
 
 
+def sdxl():
+    """A tiny Stable Diffusion XL pipeline: two CLIP text encoders, the pooled embedding and size / crop ids as
+    added conditions (`added_cond_kwargs`, a dict batched per row), an Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8).eval()
+    torch.manual_seed(0)
+    return _quiet(StableDiffusionXLPipeline(
+        vae=vae(), text_encoder=clip_text(), text_encoder_2=clip_text(projection=True), tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         steps_offset=1)))
+
+
 def sd3():
     """A tiny Stable Diffusion 3 pipeline (flow matching, FlowMatchEulerDiscreteScheduler; no T5)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
