@@ -62,6 +62,8 @@ PIPELINES = {
     "inpaint": (lambda: T.sd(inpaint=True), dict(KW_SD, image=_image(), mask_image=_image(1).convert("L"))),
     "controlnet": (T.sd_controlnet, dict(KW_SD, image=_image())),
     "sdxl": (T.sdxl, KW_SD),
+    "flux": (T.flux, dict(prompt="a cat", num_inference_steps=8, guidance_scale=3.5, height=16, width=16,
+                          max_sequence_length=16, loose=1e-3)),
 }
 
 

@@ -118,6 +118,35 @@ def sdxl():
                                          steps_offset=1)))
 
 
+def t5_tokenizer(max_length: int = 16):
+    """A character-level T5 tokenizer (unigram over printable ASCII), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(chr(i), -1.0) for i in range(32, 127)]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           model_max_length=max_length)
+
+
+def flux():
+    """A tiny FLUX.1 pipeline: packed latents, rotary image / text ids, the distilled guidance embedding, CLIP and
+    T5 text encoders, flow matching."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=98, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    return _quiet(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(),
+                               vae=vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=clip_text(),
+                               tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer(), transformer=tr))
+
+
 def sd3():
     """A tiny Stable Diffusion 3 pipeline (flow matching, FlowMatchEulerDiscreteScheduler; no T5)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
