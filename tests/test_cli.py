@@ -11,7 +11,7 @@ from PIL import Image
 
 from pargen.cli.main import main
 
-from .conftest import free_port
+from .conftest import free_port, run_torchrun
 
 
 def run_cli(*args):
@@ -318,9 +318,9 @@ def test_ctf_train_sample_and_bench_against_the_raster_baseline(tmp_path):
 
 
 def torchrun(*args, procs: int = 2):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
-                           f"--master_port={free_port()}", "-m", "pargen", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_torchrun([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}",
+                         f"--master_port={free_port()}", "-m", "pargen", *args], timeout=600,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.dist

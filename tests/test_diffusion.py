@@ -275,15 +275,14 @@ distributed.finish()
 
 
 def test_window_split_across_two_torchrun_processes_matches_one(tmp_path):
-    from .conftest import free_port  # here, not at the top: the script above imports this file as a plain module
+    from .conftest import free_port, run_torchrun  # here, not at the top: the script above imports this file as a plain module
 
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT.format(tests=os.path.dirname(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, env=env, timeout=300)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", str(script), str(tmp_path / "two.pt")], env=env, timeout=300,
-                       capture_output=True, text=True)
+    r = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}", str(script), str(tmp_path / "two.pt")], env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["rounds"] == two["rounds"]

@@ -11,7 +11,7 @@ from pargen import checkpoint, data, registry
 from pargen.training.loop import TrainConfig, train
 from pargen.training.losses import tarflow_loss
 
-from .conftest import free_port
+from .conftest import free_port, run_torchrun
 
 
 def tiny_flow():
@@ -106,9 +106,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", str(script), str(tmp_path / "two")], env=env, timeout=300,
-                       capture_output=True, text=True)
+    r = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}", str(script), str(tmp_path / "two")], env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, _ = checkpoint.load(tmp_path / "one")
     b, _ = checkpoint.load(tmp_path / "two")
@@ -119,10 +118,11 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 def test_under_torchrun_only_rank_0_reports_and_writes(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={free_port()}", "-m", "pargen", "train", "tarflow-tiny", "--data", "digits",
-                        "--steps", "2", "--batch-size", "4", "--out", str(out), "--export-fp16", str(tmp_path / "h")],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True, text=True)
+    r = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                      f"--master_port={free_port()}", "-m", "pargen", "train", "tarflow-tiny", "--data", "digits",
+                      "--steps", "2", "--batch-size", "4", "--out", str(out), "--export-fp16", str(tmp_path / "h")],
+                     env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+                     before_retry=lambda: [f.unlink() for f in tmp_path.iterdir() if f.name.startswith(("run", "h"))])
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("training tarflow-tiny") == 1 and r.stdout.count("done: 2 steps") == 1, r.stdout
     assert r.stdout.count("fp16 export") == 1
