@@ -113,6 +113,25 @@ def test_official_state_dict_keys_load_and_config_is_inferred(tar):
         registry.build("tarflow", cfg).state_dict())
 
 
+def test_a_converted_official_model_calibrates_on_its_own_samples(tar, tmp_path):
+    """An official checkpoint names no dataset: `calibrate` takes the model's own sequential samples for the CRM /
+    IGM diagnostics and writes a plan beside it that `auto` then uses; a dataset of another shape is refused."""
+    import pargen
+    from pargen.cli.main import main
+    from pargen.errors import PargenError
+
+    torch.save(tar["cases"]["cond_8x8_p2"]["float32"]["state_dict"], tmp_path / "tf.pth")
+    assert main(["convert", "tarflow", str(tmp_path / "tf.pth"), "--out", str(tmp_path / "m")]) == 0
+    pipe = pargen.load(tmp_path / "m")
+    said = []
+    doc = pipe.calibrate(batches=[2], log=said.append)
+    assert said[0] == "m names no dataset: diagnostics on 256 of its own samples (sequential)"
+    assert [r["sampling_index"] for r in doc["diagnostics"]] == [0, 1, 2, 3] and (tmp_path / "m.plan.json").exists()
+    assert doc["by_batch"]["2"]["rel_err"] <= 1e-4 and pipe.settings("auto", batch=2).source.endswith("(calibrated plan)")
+    with pytest.raises(PargenError, match="digits has images 1x8x8, m models 3x8x8"):
+        pipe.calibrate(data_name="digits", batches=[2], log=said.append)
+
+
 def test_tiny_model_properties():
     torch.manual_seed(0)
     model = registry.create("tarflow-tiny").double()

@@ -205,7 +205,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     c.add_argument("checkpoint", nargs="?", default=None)
     add_diffusers_args(c)
     c.add_argument("--labels", type=int, nargs="*", default=None, help="--diffusers: class labels (cycled)")
-    c.add_argument("--data", default=None, help="tarflow: training data for CRM/IGM (default: the checkpoint's)")
+    c.add_argument("--data", default=None, help="tarflow: training data for CRM/IGM (default: the checkpoint's; a converted official "
+                        "one names none and uses 256 of its own samples)")
     c.add_argument("--batch", type=positive_int, nargs="+", default=None,
                    help="batch sizes to plan for (tarflow: 1 16; diffusion: 1 2 4 16)")
     c.add_argument("--tol", type=nonneg_float, default=1e-5, help="tarflow: starting per-position tolerance")

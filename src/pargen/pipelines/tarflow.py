@@ -97,18 +97,37 @@ class TarFlowPipeline(Pipeline):
         return x.add(1).mul(0.5), cost(res)
 
     # ---- calibration
+    def _calibration_images(self, data_name: str | None, seed: int, log: Callable[[str], None],
+                            n: int = 256) -> tuple[Tensor, Tensor | None]:
+        """n images on [-1, 1] with their labels: from the dataset, or the model's own samples without one."""
+        cfg = self.model.config
+        if data_name is None:
+            log(f"{self.name} names no dataset: diagnostics on {n} of its own samples (sequential)")
+            seeds = list(range(seed, seed + n))
+            out = self.sample(seeds, method="sequential", denoise=False, progress=False)
+            return out.signed.to(self.device, self.dtype), out.labels.to(self.device) if cfg.num_classes else None
+        ds = data.load(data_name, "train", self.meta.get("size"))
+        if ds.shape != (cfg.in_channels, cfg.img_size, cfg.img_size):
+            raise PargenError(f"{data_name} has images {'x'.join(map(str, ds.shape))}, {self.name} models "
+                              f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}; calibrate on its own data (or "
+                              "none: its own samples)")
+        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+        y = ds.labels[idx].to(self.device) if (ds.labels is not None and cfg.num_classes) else None
+        return ds.float(idx).to(self.device, self.dtype), y
+
     def calibrate(self, data_name: str | None = None, batches: list[int] | None = None, tol: float = 1e-5,
                   target_err: float = 1e-4, cfg: float | None = None, seed: int = 1000, plot: str | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
         """CRM / IGM per block on 256 training images, then per batch size the fastest plan per block within the
         error budget, verified end to end (the tolerance is tightened until the whole plan meets `target_err`).
-        The record is written beside the checkpoint, or to the user directory for a bundled one."""
+        A checkpoint that names no dataset (a converted official one) and no `data_name`: the diagnostics run on
+        256 of the model's own samples (sequential, no denoising step), which come from the distribution the
+        blocks see when sampling. The record is written beside the checkpoint, or to the user directory for a
+        bundled one."""
         model = self.model
-        ds = data.load(data_name or self.meta.get("data") or "mnist", "train", self.meta.get("size"))
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:256]
-        y = ds.labels[idx].to(self.device) if (ds.labels is not None and model.config.num_classes) else None
         guidance = self.guidance(cfg)
-        rows = cal.diagnostics(model, ds.float(idx).to(self.device, self.dtype), y)
+        x, y = self._calibration_images(data_name or self.meta.get("data"), seed, log)
+        rows = cal.diagnostics(model, x, y)
         log("per-block diagnostics (sampling order; CRM: large = tough block, IGM: smaller = better initial guess)")
         log(f"{'idx':>4} {'fwd':>4} {'CRM':>10} {'CRM %':>7} {'IGM(z)':>10} {'IGM(zero)':>10}")
         for r in rows:
