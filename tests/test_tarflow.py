@@ -113,9 +113,10 @@ def test_official_state_dict_keys_load_and_config_is_inferred(tar):
         registry.build("tarflow", cfg).state_dict())
 
 
-def test_a_converted_official_model_calibrates_on_its_own_samples(tar, tmp_path):
+def test_a_converted_official_model_calibrates_on_its_own_samples(tar, tmp_path, capsys):
     """An official checkpoint names no dataset: `calibrate` takes the model's own sequential samples for the CRM /
-    IGM diagnostics and writes a plan beside it that `auto` then uses; a dataset of another shape is refused."""
+    IGM diagnostics and writes a plan beside it that `auto` then uses; a dataset of another shape is refused, and
+    so are metrics whose network scores other images."""
     import pargen
     from pargen.cli.main import main
     from pargen.errors import PargenError
@@ -130,6 +131,11 @@ def test_a_converted_official_model_calibrates_on_its_own_samples(tar, tmp_path)
     assert doc["by_batch"]["2"]["rel_err"] <= 1e-4 and pipe.settings("auto", batch=2).source.endswith("(calibrated plan)")
     with pytest.raises(PargenError, match="digits has images 1x8x8, m models 3x8x8"):
         pipe.calibrate(data_name="digits", batches=[2], log=said.append)
+    # the MNIST metric network cannot score its 3x8x8 images: eval and bench --fid say so before sampling
+    with pytest.raises(PargenError, match="the images are 3x8x8 but classifier-mnist scores 1x28x28"):
+        pipe.bench(batches=[1], repeats=1, fid=10)
+    assert main(["eval", str(tmp_path / "m"), "-n", "4"]) == 2
+    assert "m's images are 3x8x8 but the metric network classifier-mnist scores 1x28x28" in capsys.readouterr().err
 
 
 def test_tiny_model_properties():

@@ -421,6 +421,14 @@ def _image_set(spec: str) -> torch.Tensor:
     return data.load(spec if spec.startswith("folder:") else f"folder:{spec}").float()
 
 
+def _classifier(name: str):
+    """The metric network of `eval` (a classifier checkpoint)."""
+    clf, _ = checkpoint.load(checkpoint.resolve(name))
+    if clf.family != "classifier":
+        raise PargenError(f"{name} is not a classifier checkpoint")
+    return clf
+
+
 def _check_domain(x: torch.Tensor, clf, what: str, name: str) -> None:
     c = clf.config
     if tuple(x.shape[1:]) != (c.in_channels, c.img_size, c.img_size):
@@ -499,6 +507,12 @@ def cmd_eval(args) -> int:
                 write_json(result, args.json)
             return 0
         pipe = open_pipeline(args, args.target)
+        clf = _classifier(args.classifier)
+        if pipe.shape is not None:  # before sampling: images the metric network cannot score are refused now
+            _check_domain(torch.empty(1, *pipe.shape), clf, f"{pipe.name}'s images", args.classifier)
+        if meta["family"] == "tarflow" and tuple(test.shape) != pipe.shape:
+            raise PargenError(f"bits/dim needs test images of {pipe.name}'s shape {'x'.join(map(str, pipe.shape))}; "
+                              f"{args.data} has {'x'.join(map(str, test.shape))} (pick --data)")
         out, desc, _ = generate(args, pipe, list(range(args.seed, args.seed + args.n)))
         if rank:
             return 0
@@ -508,9 +522,7 @@ def cmd_eval(args) -> int:
             result.update(tarflow_bpd(pipe.float32().model, test))
     if rank:
         return 0
-    clf, _ = checkpoint.load(checkpoint.resolve(args.classifier))
-    if clf.family != "classifier":
-        raise PargenError(f"{args.classifier} is not a classifier checkpoint")
+    clf = _classifier(args.classifier)
     if real is None:
         real = data.load(args.data, "test").float()[: max(args.n, 1000)]
     _check_domain(fake, clf, "the images", args.classifier)

@@ -122,12 +122,24 @@ def scores(real: Tensor, fake: Tensor, features: _Features, classifier: nn.Modul
     return out
 
 
+def check_fid_domain(shape: tuple[int, ...] | None, classifier: str = "classifier-mnist") -> nn.Module:
+    """The classifier FID is computed with, after checking that it scores images of `shape` (C, H, W)."""
+    from .. import checkpoint
+
+    clf, _ = checkpoint.load(checkpoint.resolve(classifier))
+    c = clf.config
+    if shape is not None and tuple(shape) != (c.in_channels, c.img_size, c.img_size):
+        raise PargenError(f"FID: the images are {'x'.join(map(str, shape))} but {classifier} scores "
+                          f"{c.in_channels}x{c.img_size}x{c.img_size} images (MNIST-like); leave out the FID here")
+    return clf
+
+
 def classifier_fid(fake: Tensor, data_name: str = "mnist", classifier: str = "classifier-mnist",
                    real: int | None = None) -> float:
     """Classifier FID of `fake` (B, C, H, W in [-1, 1]) against the dataset's test images (all of them, or the
     first `real`), on the features of a bundled classifier."""
     from .. import checkpoint, data
 
-    clf, _ = checkpoint.load(checkpoint.resolve(classifier))
+    clf = check_fid_domain(tuple(fake.shape[1:]), classifier)
     ref = data.load(data_name, "test").float()
     return scores(ref if real is None else ref[:real], fake, classifier_features(clf))["fid"]

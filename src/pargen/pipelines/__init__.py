@@ -159,6 +159,14 @@ class Pipeline:
                               f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available; sample "
                               "fewer images per run (-n) or smaller batches")
 
+    def check_bench(self, batches: list[int], fid: int | None = None) -> None:
+        """Before a bench's work: its largest batch fits in memory, and the FID network scores these images."""
+        self.check_memory(max(batches), max(batches))
+        if fid:
+            from ..evaluation import metrics
+
+            metrics.check_fid_domain(self.shape)
+
     def check(self, method: str, overrides: dict[str, Any]) -> None:
         if method not in self.methods:
             raise PargenError(f"{self.name} ({self.family}) samples with method {', '.join(self.methods)}; "

@@ -173,7 +173,7 @@ class DiffusionPipeline(Pipeline):
         settings. Under torchrun the ranks share the batch, or with `split_calls` every rank runs the whole batch
         and each model call (the sequential sampler's too) is split over them. `fid`: classifier FID of that many
         images for the sequential sampler and window Picard."""
-        self.check_memory(max(batches), max(batches))
+        self.check_bench(batches, fid)
         records = []
         for name in samplers:
             st = self.settings("picard", sampler=name, split_calls=split_calls, **flags)

@@ -192,7 +192,7 @@ class TarFlowPipeline(Pipeline):
         """Sequential vs Jacobi vs the `auto` plan (and the uncached per-token sampler) on the same noise, per batch
         size, interleaved; errors against the float32 sequential answer. `fid`: classifier FID of that many
         samples for the sequential and the auto sampler."""
-        self.check_memory(max(batches), max(batches))
+        self.check_bench(batches, fid)
         records = []
         for B in batches:
             seeds = share_seeds(list(range(seed, seed + B)))

@@ -114,7 +114,7 @@ class VARPipeline(Pipeline):
         """KV-cached next-scale sampling against the same model re-running its prefix at every scale (same
         tokens), and against a raster-order AR model over the same final token grid (another model: the paper's
         ratio), sequential and Jacobi-decoded; interleaved, on the same labels and seeds."""
-        self.check_memory(max(batches), max(batches))
+        self.check_bench(batches, fid)
         c = self.model.config
         st = self.settings(cfg=cfg)
         rp = None
