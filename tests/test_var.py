@@ -279,6 +279,7 @@ def test_a_converted_model_and_its_tokenizer_move_together(tmp_path, var_oracle,
     model; without it, one line says where it was looked for."""
     import pargen
     from pargen.cli.main import main
+    from pargen.errors import PargenError
 
     torch.save(var_oracle["var_state_dict"], tmp_path / "var.pth")
     torch.save(var_oracle["vae_state_dict"], tmp_path / "vae.pth")
@@ -289,6 +290,8 @@ def test_a_converted_model_and_its_tokenizer_move_together(tmp_path, var_oracle,
     (tmp_path / "work" / "models").rename(tmp_path / "moved")
     monkeypatch.chdir(tmp_path)
     assert torch.equal(pargen.load("moved/var-tiny").sample([3, 4]).images, ref)
+    with pytest.raises(PargenError, match="raster-mnist makes 1x32x32 images from 64 tokens, var-tiny 3x64x64"):
+        pargen.load("moved/var-tiny").bench(batches=[1], repeats=1)  # the MNIST raster baseline is no peer here
     for f in (tmp_path / "moved").glob("var-tiny-vae.*"):
         f.unlink()
     capsys.readouterr()

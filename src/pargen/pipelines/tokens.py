@@ -122,6 +122,12 @@ class VARPipeline(Pipeline):
             rp = load(raster, self.device, self.dtype)
             if rp.family != "raster":
                 raise PargenError(f"{rp.name} is a {rp.family} checkpoint, not a raster AR model")
+            grid = c.patch_nums[-1]
+            if rp.shape != self.shape or rp.model.config.tokens != grid * grid:  # the paper's comparison
+                raise PargenError(f"{rp.name} makes {'x'.join(map(str, rp.shape or ()))} images from "
+                                  f"{rp.model.config.tokens} tokens, {self.name} {'x'.join(map(str, self.shape))} "
+                                  f"from a final {grid}x{grid} grid: compare with a raster model of the same images "
+                                  "and grid, or none (raster=None, --raster none)")
         log(f"bench var: {self.name}, {len(c.patch_nums)} scales (L = {c.L}), batches {list(batches)}, cfg "
             f"{st.cfg:g}" + (f"; raster AR {rp.name} ({rp.model.config.tokens} tokens, cfg "
                              f"{rp.settings().cfg:g})" if rp else "") + f"; {torch.get_num_threads()} threads")
