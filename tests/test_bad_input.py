@@ -170,6 +170,7 @@ CASES = [
     ("sample var-mnist -n 1 --split calls --out {tmp}/s.png", "--split calls splits the model calls"),
     ("bench unknown-family", "invalid choice"),
     ("bench tarflow --checkpoint var-mnist", "bench tarflow takes tarflow checkpoints"),
+    ("bench ctf --checkpoint raster-mnist", "raster-mnist is a raster checkpoint; bench ctf takes c2f checkpoints"),
     ("convert tarflow {tensor} --out {tmp}/c", "holds a Tensor, not a TarFlow state dict"),
     ("convert tarflow {list} --out {tmp}/c", "holds a list, not a TarFlow state dict"),
     ("convert tarflow {evil} --out {tmp}/c", "not a plain tensor file; pargen never unpickles code"),

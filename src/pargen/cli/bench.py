@@ -14,7 +14,7 @@ from ..evaluation.bench import write_json
 DEFAULT = {"tarflow": "tarflow-mnist", "diffusion": "denoiser-mnist", "var": "var-mnist",
            "lowrank": "var-mnist-lowrank", "ctf": "c2f-mnist", "raster": "raster-mnist"}
 FAMILY = {"tarflow": ("tarflow",), "diffusion": ("denoiser",), "var": ("var",), "lowrank": ("var",),
-          "ctf": ("c2f", "raster"), "raster": ("raster",)}
+          "ctf": ("c2f",), "raster": ("raster",)}
 
 
 def _open(args) -> pipelines.Pipeline:
