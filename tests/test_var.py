@@ -292,6 +292,11 @@ def test_a_converted_model_and_its_tokenizer_move_together(tmp_path, var_oracle,
     assert torch.equal(pargen.load("moved/var-tiny").sample([3, 4]).images, ref)
     with pytest.raises(PargenError, match="raster-mnist makes 1x32x32 images from 64 tokens, var-tiny 3x64x64"):
         pargen.load("moved/var-tiny").bench(batches=[1], repeats=1)  # the MNIST raster baseline is no peer here
+    capsys.readouterr()
+    assert main(["analyze", "var", "moved/var-tiny", "--degrees", "1", "--n", "2"]) == 0  # no dataset named
+    assert "analyze var-tiny: 2 of its own samples, head dimension 64" in capsys.readouterr().out
+    assert main(["analyze", "var", "moved/var-tiny", "--degrees", "1", "--data", "mnist"]) == 2
+    assert "mnist has images 1x64x64, var-tiny makes 3x64x64" in capsys.readouterr().err
     for f in (tmp_path / "moved").glob("var-tiny-vae.*"):
         f.unlink()
     capsys.readouterr()

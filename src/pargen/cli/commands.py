@@ -186,7 +186,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
                                    "error, then recommends the layers that can use low-rank attention.")
     a.add_argument("family", choices=["var"])
     a.add_argument("checkpoint")
-    a.add_argument("--data", default=None, help="images to teacher-force (default: the checkpoint's dataset)")
+    a.add_argument("--data", default=None, help="images to teacher-force (default: the checkpoint's dataset; a "
+                                                "converted official one names none and uses its own samples)")
     a.add_argument("--n", type=positive_int, default=64, help="number of test images")
     a.add_argument("--degrees", type=positive_int, nargs="+", default=[1, 2, 3])
     a.add_argument("--kinds", nargs="+", choices=["taylor", "chebyshev"], default=["taylor", "chebyshev"])
@@ -356,9 +357,6 @@ def cmd_analyze(args) -> int:
         raise PargenError(f"{path} is a {checkpoint.read_meta(path)['family']} checkpoint, not a VAR model")
     pipe = open_pipeline(args, args.checkpoint)
     model, meta = pipe.model, pipe.meta
-    ds = data.load(args.data or meta.get("data") or "mnist", "test", meta.get("size"))
-    x = ds.float(slice(0, args.n)).to(pipe.device)
-    y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(pipe.device)
     specs = [PolySpec(g, k) for k in args.kinds for g in args.degrees]
     hd = model.config.C // model.config.H
     # tighter than nn/lowrank.MAX_RANK: analyze holds the features of every token of --n images at once
@@ -366,7 +364,19 @@ def cmd_analyze(args) -> int:
     if too_big:
         raise PargenError(f"degree {too_big[0].degree} on head dimension {hd} means rank {too_big[0].rank(hd):,}; "
                           "pick lower --degrees")
-    print(f"analyze {path.name}: {len(x)} test images of {ds.name}, head dimension {hd}")
+    name = args.data or meta.get("data")
+    if name is None:  # a converted official checkpoint names no dataset: teacher-force its own samples
+        out = pipe.sample(list(range(args.n)), method="sequential", progress=False)
+        x, y, what = out.signed.to(pipe.device), out.labels.to(pipe.device), "of its own samples"
+    else:
+        ds = data.load(name, "test", meta.get("size"))
+        if tuple(ds.shape) != pipe.shape:
+            raise PargenError(f"{name} has images {'x'.join(map(str, ds.shape))}, {path.name} makes "
+                              f"{'x'.join(map(str, pipe.shape))}; pick --data (or none: its own samples)")
+        x = ds.float(slice(0, args.n)).to(pipe.device)
+        y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(pipe.device)
+        what = f"test images of {ds.name}"
+    print(f"analyze {path.name}: {len(x)} {what}, head dimension {hd}")
     rep = lr.analyze(model, pipe.tokenizer, x, y, specs, args.max_err)
     lr.print_analysis(rep)
     if args.json:
