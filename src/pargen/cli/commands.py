@@ -364,19 +364,9 @@ def cmd_analyze(args) -> int:
     if too_big:
         raise PargenError(f"degree {too_big[0].degree} on head dimension {hd} means rank {too_big[0].rank(hd):,}; "
                           "pick lower --degrees")
-    name = args.data or meta.get("data")
-    if name is None:  # a converted official checkpoint names no dataset: teacher-force its own samples
-        out = pipe.sample(list(range(args.n)), method="sequential", progress=False)
-        x, y, what = out.signed.to(pipe.device), out.labels.to(pipe.device), "of its own samples"
-    else:
-        ds = data.load(name, "test", meta.get("size"))
-        if tuple(ds.shape) != pipe.shape:
-            raise PargenError(f"{name} has images {'x'.join(map(str, ds.shape))}, {path.name} makes "
-                              f"{'x'.join(map(str, pipe.shape))}; pick --data (or none: its own samples)")
-        x = ds.float(slice(0, args.n)).to(pipe.device)
-        y = (ds.labels[: args.n] if ds.labels is not None else torch.zeros(len(x), dtype=torch.long)).to(pipe.device)
-        what = f"test images of {ds.name}"
-    print(f"analyze {path.name}: {len(x)} {what}, head dimension {hd}")
+    x, y, what = pipe.reference_images(args.n, args.data or meta.get("data"))
+    y = torch.zeros(len(x), dtype=torch.long, device=pipe.device) if y is None else y.to(pipe.device)
+    print(f"analyze {path.name}: {what}, head dimension {hd}")
     rep = lr.analyze(model, pipe.tokenizer, x, y, specs, args.max_err)
     lr.print_analysis(rep)
     if args.json:

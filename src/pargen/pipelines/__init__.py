@@ -159,6 +159,25 @@ class Pipeline:
                               f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available; sample "
                               "fewer images per run (-n) or smaller batches")
 
+    def reference_images(self, n: int, data_name: str | None, split: str = "test", seed: int | None = None
+                         ) -> tuple[Tensor, Tensor | None, str]:
+        """n images on [-1, 1], their labels (None without) and what they are, to measure the model on: from
+        `data_name` (the first n of `split`, or n drawn with `seed`), refused if its images are not the model's;
+        without a dataset (a converted official checkpoint names none), the model's own sequential samples."""
+        from .. import data
+
+        if data_name is None:
+            out = self.sample(list(range(seed or 0, (seed or 0) + n)), method="sequential", progress=False)
+            return out.signed.to(self.device), out.labels, f"{n} of its own samples"
+        ds = data.load(data_name, split, self.meta.get("size"))
+        if tuple(ds.shape) != self.shape:
+            raise PargenError(f"{data_name} has images {'x'.join(map(str, ds.shape))}, {self.name} makes "
+                              f"{'x'.join(map(str, self.shape))}; pick another dataset (or none: its own samples)")
+        idx = slice(0, n) if seed is None else torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+        x = ds.float(idx).to(self.device)
+        y = None if ds.labels is None else ds.labels[idx].to(self.device)
+        return x, y, f"{len(x)} {split} images of {ds.name}"
+
     def check_bench(self, batches: list[int], fid: int | None = None) -> None:
         """Before a bench's work: its largest batch fits in memory, and the FID network scores these images."""
         self.check_memory(max(batches), max(batches))

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .. import checkpoint, data
+from .. import checkpoint
 from ..errors import PargenError
 from ..evaluation import bench as benchmod
 from ..evaluation import calibrate as cal
@@ -97,24 +97,6 @@ class TarFlowPipeline(Pipeline):
         return x.add(1).mul(0.5), cost(res)
 
     # ---- calibration
-    def _calibration_images(self, data_name: str | None, seed: int, log: Callable[[str], None],
-                            n: int = 256) -> tuple[Tensor, Tensor | None]:
-        """n images on [-1, 1] with their labels: from the dataset, or the model's own samples without one."""
-        cfg = self.model.config
-        if data_name is None:
-            log(f"{self.name} names no dataset: diagnostics on {n} of its own samples (sequential)")
-            seeds = list(range(seed, seed + n))
-            out = self.sample(seeds, method="sequential", denoise=False, progress=False)
-            return out.signed.to(self.device, self.dtype), out.labels.to(self.device) if cfg.num_classes else None
-        ds = data.load(data_name, "train", self.meta.get("size"))
-        if ds.shape != (cfg.in_channels, cfg.img_size, cfg.img_size):
-            raise PargenError(f"{data_name} has images {'x'.join(map(str, ds.shape))}, {self.name} models "
-                              f"{cfg.in_channels}x{cfg.img_size}x{cfg.img_size}; calibrate on its own data (or "
-                              "none: its own samples)")
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-        y = ds.labels[idx].to(self.device) if (ds.labels is not None and cfg.num_classes) else None
-        return ds.float(idx).to(self.device, self.dtype), y
-
     def calibrate(self, data_name: str | None = None, batches: list[int] | None = None, tol: float = 1e-5,
                   target_err: float = 1e-4, cfg: float | None = None, seed: int = 1000, plot: str | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -126,8 +108,11 @@ class TarFlowPipeline(Pipeline):
         bundled one."""
         model = self.model
         guidance = self.guidance(cfg)
-        x, y = self._calibration_images(data_name or self.meta.get("data"), seed, log)
-        rows = cal.diagnostics(model, x, y)
+        name = data_name or self.meta.get("data")
+        if name is None:
+            log(f"{self.name} names no dataset: diagnostics on 256 of its own samples (sequential)")
+        x, y, _ = self.reference_images(256, name, "train", seed)
+        rows = cal.diagnostics(model, x.to(dtype=self.dtype), y if model.config.num_classes else None)
         log("per-block diagnostics (sampling order; CRM: large = tough block, IGM: smaller = better initial guess)")
         log(f"{'idx':>4} {'fwd':>4} {'CRM':>10} {'CRM %':>7} {'IGM(z)':>10} {'IGM(zero)':>10}")
         for r in rows:
