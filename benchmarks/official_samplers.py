@@ -15,7 +15,8 @@ sample from the same seed in the official protocol:
 Timing interleaved in one process (`pargen.evaluation.bench.run`), the official sampler the baseline; errors are
 max abs differences of the images on [0, 1] (VAR) and of the token ids (LlamaGen: 0 means every token equal).
 
-    python benchmarks/official_samplers.py --var PATH/TO/VAR --llamagen PATH/TO/LlamaGen --json docs/bench_official_samplers.json
+    python benchmarks/official_samplers.py --var PATH/TO/VAR --llamagen PATH/TO/LlamaGen \
+        --json docs/bench_official_samplers.json
 """
 from __future__ import annotations
 

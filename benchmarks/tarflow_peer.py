@@ -102,7 +102,8 @@ def unclamped(module):
 
 
 def peer_strategy(n_blocks: int, tough: int, segments: int, stack_iters: int, else_iters: int) -> dict[str, list]:
-    """[Stack-GS-J-Else] as the peer's per-block lists (sampling order): GS-Jacobi on block `tough`, Jacobi elsewhere."""
+    """[Stack-GS-J-Else] as the peer's per-block lists (sampling order): GS-Jacobi on block `tough`, Jacobi
+    elsewhere."""
     num_gs, max_jacobi = [1] * n_blocks, [else_iters] * n_blocks
     num_gs[tough], max_jacobi[tough] = segments, stack_iters
     return {"num_GS_list": num_gs, "max_jacobi_list": max_jacobi, "guess_list": [0] * n_blocks}

@@ -175,14 +175,16 @@ def tarflow_peer_lines(docs: Path) -> list[str]:
 
 
 def official_lines(docs: Path) -> list[str]:
-    """pargen's samplers against the official VAR and LlamaGen ones on the same weights (benchmarks/official_samplers.py)."""
+    """pargen's samplers against the official VAR and LlamaGen ones on the same weights
+    (benchmarks/official_samplers.py)."""
     _, recs = _quiet_records(docs, "bench_official_samplers.json")
     if not recs:
         return []
-    lines = ["pargen's samplers vs the official ones on the same weights (random, official sizes), from the same seed in "
-             "the official protocol; max abs difference of the images on [0, 1] (VAR) or of the token ids (LlamaGen: "
-             "0 = the same tokens); speed-up against the official sampler (`bench_official_samplers.json`):", "",
-             "| model | batch | sampler | sequential calls | max abs diff | wall s | speed-up |", "|---|---|---|---|---|---|---|"]
+    lines = ["pargen's samplers vs the official ones on the same weights (random, official sizes), from the same seed "
+             "in the official protocol; max abs difference of the images on [0, 1] (VAR) or of the token ids "
+             "(LlamaGen: 0 = the same tokens); speed-up against the official sampler (`bench_official_samplers.json`):",
+             "", "| model | batch | sampler | sequential calls | max abs diff | wall s | speed-up |",
+             "|---|---|---|---|---|---|---|"]
     for r in recs:
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['rounds']} | {_num(r['max_abs_err'])} | "
                      f"{r['wall_s_median']:.3g} | {_speed(r)} |")

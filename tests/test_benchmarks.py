@@ -186,8 +186,10 @@ def test_tarflow_peer_machinery_without_the_peer(tmp_path):
         assert torch.equal(peer.MetaBlock().reverse_substep(x), x)  # the peer's own code, its clamp the identity
     assert peer.torch is torch and peer.MetaBlock().reverse_substep(x).max() == 3
     assert peer.MetaBlock.reverse_substep.__name__ == "reverse_substep"  # the counter is gone
-    recs = [{"method": "pargen sequential", "wall_s": [2.0, 4.0, 2.0]}, {"method": "pargen auto", "wall_s": [1.0, 1.0, 2.0]},
-            {"method": "peer sequential", "wall_s": [3.0, 3.0, 3.0]}, {"method": "peer jacobi", "wall_s": [1.0, 3.0, 1.5]}]
+    recs = [{"method": "pargen sequential", "wall_s": [2.0, 4.0, 2.0]},
+            {"method": "pargen auto", "wall_s": [1.0, 1.0, 2.0]},
+            {"method": "peer sequential", "wall_s": [3.0, 3.0, 3.0]},
+            {"method": "peer jacobi", "wall_s": [1.0, 3.0, 1.5]}]
     P.own_speedups(recs, "pargen sequential")
     P.own_speedups(recs, "peer sequential")
     assert [r["speedup_vs_own_sequential"] for r in recs] == [1.0, 2.0, 1.0, 2.0]

@@ -275,7 +275,8 @@ distributed.finish()
 
 
 def test_window_split_across_two_torchrun_processes_matches_one(tmp_path):
-    from .conftest import free_port, run_torchrun  # here, not at the top: the script above imports this file as a plain module
+    # here, not at the top: the script above imports this file as a plain module
+    from .conftest import free_port, run_torchrun
 
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT.format(tests=os.path.dirname(__file__)))

@@ -144,7 +144,8 @@ def flux():
     t5 = T5EncoderModel(T5Config(vocab_size=98, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
     return _quiet(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(),
                                vae=vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=clip_text(),
-                               tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer(), transformer=tr))
+                               tokenizer=clip_tokenizer(), text_encoder_2=t5, tokenizer_2=t5_tokenizer(),
+                               transformer=tr))
 
 
 def sd3():

@@ -27,10 +27,10 @@ replay. At `tol=0` the result equals the pipeline's own output up to the float r
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
-import contextlib
 import inspect
 import logging
 import math

@@ -206,8 +206,8 @@ def add_parsers(sub, positive_int, nonneg_float) -> None:
     c.add_argument("checkpoint", nargs="?", default=None)
     add_diffusers_args(c)
     c.add_argument("--labels", type=int, nargs="*", default=None, help="--diffusers: class labels (cycled)")
-    c.add_argument("--data", default=None, help="tarflow: training data for CRM/IGM (default: the checkpoint's; a converted official "
-                        "one names none and uses 256 of its own samples)")
+    c.add_argument("--data", default=None, help="tarflow: training data for CRM/IGM (default: the checkpoint's; a "
+                                                "converted official one names none and uses 256 of its own samples)")
     c.add_argument("--batch", type=positive_int, nargs="+", default=None,
                    help="batch sizes to plan for (tarflow: 1 16; diffusion: 1 2 4 16)")
     c.add_argument("--tol", type=nonneg_float, default=1e-5, help="tarflow: starting per-position tolerance")
@@ -603,7 +603,8 @@ def cmd_convert(args) -> int:
             raise PargenError(f"{args.vae} (vocab {vae.config.vocab_size}, {vae.config.z_channels} channels) does "
                               f"not fit {args.source} (vocab {var.config.vocab_size}, {var.config.z_channels})")
         vae_out = checkpoint.save(f"{checkpoint.stem(args.out)}-vae", vae, {"converted_from": Path(args.vae).name})
-        out = checkpoint.save(args.out, var, {"converted_from": Path(args.source).name, "tokenizer": checkpoint.link(vae_out, args.out),
+        out = checkpoint.save(args.out, var, {"converted_from": Path(args.source).name,
+                                              "tokenizer": checkpoint.link(vae_out, args.out),
                                               "size": vae.config.img_size})
         c = var.config
         print(f"converted {args.source}: depth {c.depth}, width {c.C}, {c.num_classes} classes, scales "

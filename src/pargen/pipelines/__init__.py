@@ -173,7 +173,8 @@ class Pipeline:
         if tuple(ds.shape) != self.shape:
             raise PargenError(f"{data_name} has images {'x'.join(map(str, ds.shape))}, {self.name} makes "
                               f"{'x'.join(map(str, self.shape))}; pick another dataset (or none: its own samples)")
-        idx = slice(0, n) if seed is None else torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+        idx = slice(0, n) if seed is None else \
+            torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
         x = ds.float(idx).to(self.device)
         y = None if ds.labels is None else ds.labels[idx].to(self.device)
         return x, y, f"{len(x)} {split} images of {ds.name}"
