@@ -457,10 +457,12 @@ def parallel(pipe, method: str = "picard", window: int = 8, tol: float = 1e-3, m
              tol_scale: str = "none") -> Parallel:
     """`pipe` (any diffusers pipeline) with its denoiser calls solved in parallel windows; call it as the pipeline.
 
-    method: "picard" (sliding window of `window` denoiser calls per batched call) or "sequential" (the pipeline
-    itself, counted). tol: largest RMS change of a call's input between rounds for it to count as final
-    (0: exact up to the float rounding of batched calls); tol_scale="noise": relative to the scheduler's noise std
-    at that step, as ParaDiGMS (DDPM-family schedulers)."""
+    method: "picard" (sliding window of `window` steps, one batched call per model: the denoiser and a ControlNet)
+    or "sequential" (the pipeline itself, counted). tol: largest RMS change of a call's inputs between rounds for
+    it to count as final (0: exact up to the float rounding of batched calls); tol_scale="noise": relative to the
+    scheduler's noise std at that step, as ParaDiGMS (DDPM-family schedulers). The pipeline's own code runs once
+    per replay, a `callback_on_step_end` included: it may edit the latents, so it is part of the system solved, and
+    its side effects (a preview saved, a line logged) happen in every replay."""
     return Parallel(pipe, method, window, tol, max_rounds, tol_scale)
 
 
