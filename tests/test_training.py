@@ -137,3 +137,25 @@ def test_a_run_too_short_for_its_ema_is_warned_about():
         warnings.simplefilter("error")  # 0.3^4 < 5%, and no EMA at all: silent
         train(tiny_flow(), ds, tarflow_loss, TrainConfig(steps=4, batch_size=8, warmup=1, ema=0.3), progress=False)
         train(tiny_flow(), ds, tarflow_loss, TrainConfig(steps=4, batch_size=8, warmup=1, ema=0.0), progress=False)
+
+
+def test_ema_warmup_makes_a_short_run_save_its_training_not_its_init():
+    """With the ramp min(ema, (1 + t) / (10 + t)) the EMA of 6 updates holds 1/10 x ... x 6/15 = 0.01% of the
+    initial weights (without it 99.4%): the saved weights are the EMA recursion of the trained ones."""
+    from pargen.training.loop import ema_decay
+
+    ds, cfg = data.load("digits"), TrainConfig(steps=6, batch_size=8, warmup=1, ema_warmup=True)
+    assert [round(ema_decay(cfg, t), 4) for t in (0, 1, 5, 10**5)] == [0.1, 0.1818, 0.4, 0.999]
+    init = {k: v.clone() for k, v in tiny_flow().state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "too short for its EMA" warning
+        ramped = train(tiny_flow(), ds, tarflow_loss, cfg, progress=False).model.state_dict()
+    raw = train(tiny_flow(), ds, tarflow_loss, TrainConfig(steps=6, batch_size=8, warmup=1, ema=0.0),
+                progress=False).model.state_dict()  # the same run's trained weights
+    with pytest.warns(UserWarning, match="or add --ema-warmup"):
+        plain = train(tiny_flow(), ds, tarflow_loss, TrainConfig(steps=6, batch_size=8, warmup=1),
+                      progress=False).model.state_dict()
+    k = "blocks.0.proj_in.weight"
+    moved = (raw[k] - init[k]).norm()
+    assert (ramped[k] - init[k]).norm() > 0.5 * moved  # the ramped EMA followed the training ...
+    assert (plain[k] - init[k]).norm() < 0.02 * moved  # ... the plain one is still its initialisation

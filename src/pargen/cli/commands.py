@@ -677,7 +677,8 @@ def cmd_train(args) -> int:
     if args.batch_size > len(ds):
         raise PargenError(f"--batch-size {args.batch_size} is larger than the {len(ds)} training images of {ds.name}")
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                       schedule=args.schedule, ema=args.ema, seed=args.seed, ckpt_every=args.ckpt_every)
+                       schedule=args.schedule, ema=args.ema, ema_warmup=args.ema_warmup, seed=args.seed,
+                       ckpt_every=args.ckpt_every)
     torch.manual_seed(args.seed)  # initial weights (the CLI owns global state; the library never seeds)
     model = registry.build(family, cfg).to(args.device)
     if args.init:

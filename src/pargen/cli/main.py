@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     t.add_argument("--ema", type=_nonneg_float, default=0.999, help="EMA decay (0: off)")
+    t.add_argument("--ema-warmup", action="store_true",
+                   help="ramp the EMA decay as min(ema, (1 + t) / (10 + t)) so that a short run's checkpoint is not "
+                        "mostly its initial weights (off by default: the bundled recipes were trained without it)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--ckpt-every", type=_positive_int, default=500)
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model config fields")

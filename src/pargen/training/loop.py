@@ -38,6 +38,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     ema: float = 0.999  # 0 disables the EMA copy
+    ema_warmup: bool = False  # decay min(ema, (1 + t) / (10 + t)) after t updates: a short run's EMA is not its init
     seed: int = 0
     ckpt_every: int = 500
     log_every: int = 25
@@ -48,6 +49,12 @@ class TrainConfig:
             raise PargenError(f"schedule must be 'cosine' or 'constant', not {self.schedule!r}")
         if not 0 <= self.ema < 1:
             raise PargenError(f"ema must be in [0, 1), got {self.ema}")
+
+
+def ema_decay(cfg: TrainConfig, updates: int) -> float:
+    """The EMA decay of update number `updates` (from 0): `cfg.ema`, or with `ema_warmup` the usual ramp
+    min(ema, (1 + t) / (10 + t)), under which the initial weights keep 1/10 x 2/11 x ... of the average."""
+    return min(cfg.ema, (1 + updates) / (10 + updates)) if cfg.ema_warmup else cfg.ema
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -85,10 +92,11 @@ def train(model: torch.nn.Module, data: ImageData, loss_fn: LossFn, cfg: TrainCo
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
-    if ema is not None and rank == 0 and cfg.ema ** cfg.steps > 0.05:  # the EMA has no warm-up
+    if ema is not None and rank == 0 and not cfg.ema_warmup and cfg.ema ** cfg.steps > 0.05:
         warnings.warn(f"an EMA with decay {cfg.ema:g} over {cfg.steps} steps still holds "
                       f"{100 * cfg.ema ** cfg.steps:.0f}% of the initial weights, and the checkpoint holds the "
-                      f"EMA: train longer or lower --ema (e.g. {max(0.0, 1 - 3 / cfg.steps):.3g})", stacklevel=2)
+                      f"EMA: train longer, lower --ema (e.g. {max(0.0, 1 - 3 / cfg.steps):.3g}) or add "
+                      "--ema-warmup", stacklevel=2)
     start, losses = 0, []
     if out is not None and rank == 0:
         checkpoint.clean_stale_tmp(out)  # a write killed mid-way leaves its temp file; the checkpoint is intact
@@ -151,9 +159,10 @@ def _steps(bar, cfg, data, model, net, opt, ema, loss_fn, losses, rank, world, d
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         if ema is not None:
+            decay = ema_decay(cfg, step)
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - cfg.ema)
+                    pe.lerp_(pm, 1 - decay)
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
         losses.append(loss.item())
