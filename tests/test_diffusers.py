@@ -61,6 +61,8 @@ PIPELINES = {
     "img2img": (lambda: T.sd(img2img=True), dict(KW_SD, image=_image(), strength=0.75)),
     "inpaint": (lambda: T.sd(inpaint=True), dict(KW_SD, image=_image(), mask_image=_image(1).convert("L"))),
     "controlnet": (T.sd_controlnet, dict(KW_SD, image=_image())),
+    "multi-controlnet": (lambda: T.sd_controlnet(2), dict(KW_SD, image=[_image(), _image(1)],
+                                                           controlnet_conditioning_scale=[1.0, 0.5])),
     "sdxl": (T.sdxl, KW_SD),
     "flux": (T.flux, dict(prompt="a cat", num_inference_steps=8, guidance_scale=3.5, height=16, width=16,
                           max_sequence_length=16, loose=1e-3)),

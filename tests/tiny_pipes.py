@@ -86,17 +86,21 @@ def sd(scheduler=None, inpaint: bool = False, img2img: bool = False):
     return _quiet(cls(**parts))
 
 
-def sd_controlnet():
-    """The tiny Stable Diffusion pipeline with a tiny ControlNet (a second model on the noisy input every step)."""
+def sd_controlnet(nets: int = 1):
+    """The tiny Stable Diffusion pipeline with tiny ControlNets (a second model on the noisy input every step;
+    with nets > 1 diffusers wraps them in one MultiControlNetModel)."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     base = sd()
-    torch.manual_seed(0)
-    net = ControlNetModel(in_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                          block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-                          norm_num_groups=4, conditioning_embedding_out_channels=(4, 8)).eval()
+    made = []
+    for seed in range(nets):
+        torch.manual_seed(seed)
+        made.append(ControlNetModel(in_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32,
+                                    attention_head_dim=4, norm_num_groups=4,
+                                    conditioning_embedding_out_channels=(4, 8)).eval())
     parts = {k: v for k, v in base.components.items() if k != "image_encoder"}
-    return _quiet(StableDiffusionControlNetPipeline(**parts, controlnet=net))
+    return _quiet(StableDiffusionControlNetPipeline(**parts, controlnet=made[0] if nets == 1 else made))
 
 
 def sdxl():
