@@ -395,7 +395,7 @@ def cmd_sample(args) -> int:
         images.save_each(x, args.each, [f"seed{s:06d}" for s in seeds])
     if args.npz:
         images.save_npz(x, args.npz)
-    print(f"{len(seeds)} images -> {path} | {desc} | {costs}")
+    print(f"{len(seeds)} image{'' if len(seeds) == 1 else 's'} -> {path} | {desc} | {costs}")
     return 0
 
 

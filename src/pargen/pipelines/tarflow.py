@@ -81,7 +81,9 @@ class TarFlowPipeline(Pipeline):
             return FlowSettings("sequential", flow.SEQUENTIAL, 0.0, g, dn,
                                 "sequential (no calibrated plan: `pargen calibrate tarflow`)")
         plans, ptol = found
-        return FlowSettings("gs-jacobi", plans, ptol if tol is None else tol, g, dn, "gs-jacobi (calibrated plan)")
+        T = self.model.config.seq_len
+        kind = "sequential" if all(b.segments >= T for b in plans) else "gs-jacobi"  # the plan may keep every block
+        return FlowSettings("gs-jacobi", plans, ptol if tol is None else tol, g, dn, f"{kind} (calibrated plan)")
 
     def noise(self, seeds: list[int], temperature: float | None = None) -> Tensor:
         """The latent noise of these seeds at `temperature` (default: the checkpoint's)."""
