@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,6 +288,11 @@ def test_a_converted_model_and_its_tokenizer_move_together(tmp_path, var_oracle,
     monkeypatch.chdir(tmp_path / "work")
     assert main(["convert", "var", "../var.pth", "--vae", "../vae.pth", "--out", "models/var-tiny"]) == 0
     ref = pargen.load("models/var-tiny").sample([3, 4]).images
+    from pargen.convert import var as convert_var  # the library call the command is a shell over
+
+    out, vae_out = convert_var.convert("../var.pth", "../vae.pth", "lib/var-tiny")
+    assert (out, vae_out) == (Path("lib/var-tiny"), Path("lib/var-tiny-vae"))
+    assert torch.equal(pargen.load(out).sample([3, 4]).images, ref)
     (tmp_path / "work" / "models").rename(tmp_path / "moved")
     monkeypatch.chdir(tmp_path)
     assert torch.equal(pargen.load("moved/var-tiny").sample([3, 4]).images, ref)

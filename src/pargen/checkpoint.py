@@ -116,20 +116,29 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes, load its weights (cast to `dtype`), and return it in eval mode."""
+def config_of(path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Any:
+    """The model config a checkpoint describes (its JSON only: no weights read)."""
     s = stem(path)
-    meta = read_meta(s)
+    meta = read_meta(s) if meta is None else meta
     family = meta["family"]
     registry._ensure_loaded()
     if family not in registry.FAMILIES:
         raise PargenError(f"checkpoint {s}.json names unknown model family {family!r}")
-    cls = registry.FAMILIES[family]
     try:
-        cfg = from_dict(cls.Config, meta["config"])
-        model = cls(cfg)
+        return from_dict(registry.FAMILIES[family].Config, meta["config"])
     except (PargenError, TypeError, ValueError) as e:
         raise PargenError(f"checkpoint {s}.json has an invalid {family} config: {e}") from None
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes, load its weights (cast to `dtype`), and return it in eval mode."""
+    s = stem(path)
+    meta = read_meta(s)
+    cfg = config_of(s, meta)
+    try:
+        model = registry.FAMILIES[meta["family"]](cfg)
+    except (PargenError, TypeError, ValueError) as e:
+        raise PargenError(f"checkpoint {s}.json has an invalid {meta['family']} config: {e}") from None
     wpath = s.with_name(s.name + ".safetensors")
     if not wpath.exists():
         raise PargenError(f"checkpoint weights {wpath} not found")

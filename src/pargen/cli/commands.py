@@ -572,49 +572,30 @@ def cmd_convert(args) -> int:
     if args.vq and args.family != "llamagen":
         raise PargenError(f"convert {args.family} takes one file (a second one is the VQ of convert llamagen)")
     if args.family == "llamagen":
-        from ..convert.llamagen import load_gpt, load_vq
+        from ..convert import llamagen
 
-        vq = load_vq(args.vq, args.image_size) if args.vq else None
-        gpt = load_gpt(args.source, args.image_size, args.heads, 16 if vq is None else vq.config.downsample)
-        meta = {"converted_from": Path(args.source).name, "size": args.image_size}
-        if vq is not None:
-            if vq.config.vocab_size != gpt.config.vocab_size:
-                raise PargenError(f"{args.vq} has {vq.config.vocab_size} codes, {args.source} predicts "
-                                  f"{gpt.config.vocab_size}")
-            vq_out = checkpoint.save(f"{checkpoint.stem(args.out)}-vq", vq, {"converted_from": Path(args.vq).name})
-            meta["tokenizer"] = checkpoint.link(vq_out, args.out)
-        out = checkpoint.save(args.out, gpt, meta)
-        c = gpt.config
+        out, vq_out = llamagen.convert(args.source, args.vq, args.out, args.image_size, args.heads)
+        c = checkpoint.config_of(out)
         kv = f" ({c.kv} key/value heads)" if c.kv_heads else ""
         print(f"converted {args.source}: depth {c.depth}, width {c.width}, {c.heads} heads{kv}, {c.num_classes} "
               f"classes, {c.grid}x{c.grid} tokens of {c.vocab_size} -> {out}"
-              + (f"; tokenizer {args.vq} -> {vq_out}" if vq is not None else
+              + (f"; tokenizer {args.vq} -> {vq_out}" if vq_out is not None else
                  " (no tokenizer given: sampling needs one, convert again with the VQ .pt)"))
         return 0
     if args.family == "var":
-        from ..convert.var import load_vae, load_var
+        from ..convert import var
 
         if not args.vae:
             raise PargenError("convert var needs --vae VAE.pth (the tokenizer the transformer was trained on)")
-        var = load_var(args.source)
-        patch_nums = tuple(args.patch_nums) if args.patch_nums else var.config.patch_nums
-        vae = load_vae(args.vae, patch_nums)
-        if vae.config.vocab_size != var.config.vocab_size or vae.config.z_channels != var.config.z_channels:
-            raise PargenError(f"{args.vae} (vocab {vae.config.vocab_size}, {vae.config.z_channels} channels) does "
-                              f"not fit {args.source} (vocab {var.config.vocab_size}, {var.config.z_channels})")
-        vae_out = checkpoint.save(f"{checkpoint.stem(args.out)}-vae", vae, {"converted_from": Path(args.vae).name})
-        out = checkpoint.save(args.out, var, {"converted_from": Path(args.source).name,
-                                              "tokenizer": checkpoint.link(vae_out, args.out),
-                                              "size": vae.config.img_size})
-        c = var.config
+        out, vae_out = var.convert(args.source, args.vae, args.out, args.patch_nums)
+        c = checkpoint.config_of(out)
         print(f"converted {args.source}: depth {c.depth}, width {c.C}, {c.num_classes} classes, scales "
               f"{c.patch_nums} -> {out}; tokenizer {args.vae} -> {vae_out}")
         return 0
-    from ..convert.tarflow import load_official
+    from ..convert import tarflow
 
-    model = load_official(args.source, args.in_channels, args.noise_std)
-    out = checkpoint.save(args.out, model, {"converted_from": Path(args.source).name})
-    cfg = model.config
+    out = tarflow.convert(args.source, args.out, args.in_channels, args.noise_std)
+    cfg = checkpoint.config_of(out)
     print(f"converted {args.source}: {cfg.img_size}px, patch {cfg.patch_size}, width {cfg.width}, "
           f"{cfg.num_blocks}x{cfg.layers_per_block} blocks, {cfg.num_classes} classes -> {out}")
     return 0

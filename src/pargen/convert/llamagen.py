@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import checkpoint
 from ..checkpoint import load_state
 from ..errors import PargenError
 from ..models.raster_ar import LLAMAGEN, RasterAR, RasterARConfig
@@ -132,3 +134,19 @@ def load_vq(src: str | os.PathLike | dict[str, Any], image_size: int | None = No
     out.update({k: own[k] for k in own if k.endswith("ema_vocab_hit_SV")})  # pargen's usage EMA starts at zero
     load_state(model, out, str(src) if not isinstance(src, dict) else "the LlamaGen VQ state dict")
     return model.eval()
+
+
+def convert(gpt_pt: str | os.PathLike, vq_pt: str | os.PathLike | None, out: str | os.PathLike,
+            image_size: int = 256, heads: int | None = None) -> tuple[Path, Path | None]:
+    """An official LlamaGen c2i GPT (and its VQ, which sampling images needs) as pargen checkpoints `out` and
+    `out-vq`, the model naming its tokenizer relative to itself; returns both stems (None without a VQ)."""
+    vq = load_vq(vq_pt, image_size) if vq_pt else None
+    gpt = load_gpt(gpt_pt, image_size, heads, 16 if vq is None else vq.config.downsample)
+    meta = {"converted_from": Path(gpt_pt).name, "size": image_size}
+    vq_out = None
+    if vq is not None:
+        if vq.config.vocab_size != gpt.config.vocab_size:
+            raise PargenError(f"{vq_pt} has {vq.config.vocab_size} codes, {gpt_pt} predicts {gpt.config.vocab_size}")
+        vq_out = checkpoint.save(f"{checkpoint.stem(out)}-vq", vq, {"converted_from": Path(vq_pt).name})
+        meta["tokenizer"] = checkpoint.link(vq_out, out)
+    return checkpoint.save(out, gpt, meta), vq_out

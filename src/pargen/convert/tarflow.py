@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoint
 from ..checkpoint import load_state
 from ..errors import PargenError
 from . import read_state, strip_prefixes
@@ -59,3 +60,8 @@ def load_official(path: str | Path, in_channels: int = 3, noise_std: float = 0.0
     """Read an official ml-tarflow `.pth` (e.g. `afhq_model_8_768_8_8_0.07.pth`) safely."""
     state = read_state(path, "TarFlow state dict")
     return from_state_dict(state, in_channels, noise_std, str(path))
+
+
+def convert(pth: str | Path, out: str | Path, in_channels: int = 3, noise_std: float = 0.05) -> Path:
+    """An official ml-tarflow `.pth` as the pargen checkpoint `out` (for `pargen.load(out)`)."""
+    return checkpoint.save(out, load_official(pth, in_channels, noise_std), {"converted_from": Path(pth).name})

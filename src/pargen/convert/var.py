@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import checkpoint
 from ..errors import PargenError
 from . import read_state
 from ..models.var import VAR, VARConfig
@@ -82,3 +84,17 @@ def load_var(src: str | os.PathLike | dict[str, Any]) -> VAR:
     except RuntimeError as e:
         raise PargenError(f"VAR state dict does not match: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def convert(var_pth: str | os.PathLike, vae_pth: str | os.PathLike, out: str | os.PathLike,
+            patch_nums: tuple[int, ...] | None = None) -> tuple[Path, Path]:
+    """Official VAR transformer + its VAE as pargen checkpoints `out` and `out-vae` (the model names its
+    tokenizer relative to itself, so the two move together); returns both stems, for `pargen.load(out)`."""
+    var = load_var(var_pth)
+    vae = load_vae(vae_pth, tuple(patch_nums) if patch_nums else var.config.patch_nums)
+    if vae.config.vocab_size != var.config.vocab_size or vae.config.z_channels != var.config.z_channels:
+        raise PargenError(f"{vae_pth} (vocab {vae.config.vocab_size}, {vae.config.z_channels} channels) does not "
+                          f"fit {var_pth} (vocab {var.config.vocab_size}, {var.config.z_channels})")
+    vae_out = checkpoint.save(f"{checkpoint.stem(out)}-vae", vae, {"converted_from": Path(vae_pth).name})
+    return checkpoint.save(out, var, {"converted_from": Path(var_pth).name, "tokenizer": checkpoint.link(vae_out, out),
+                                      "size": vae.config.img_size}), vae_out
