@@ -171,6 +171,7 @@ CASES = [
     ("bench unknown-family", "invalid choice"),
     ("bench tarflow --checkpoint var-mnist", "bench tarflow takes tarflow checkpoints"),
     ("bench ctf --checkpoint raster-mnist", "raster-mnist is a raster checkpoint; bench ctf takes c2f checkpoints"),
+    ("eval unet-mnist -n 2", "unet-mnist is a diffusers pipeline directory, not a pargen checkpoint"),
     ("convert tarflow {tensor} --out {tmp}/c", "holds a Tensor, not a TarFlow state dict"),
     ("convert tarflow {list} --out {tmp}/c", "holds a list, not a TarFlow state dict"),
     ("convert tarflow {evil} --out {tmp}/c", "not a plain tensor file; pargen never unpickles code"),

@@ -172,6 +172,27 @@ def test_what_the_pipeline_says_is_said_once_not_once_per_replay():
     assert log.level == level
 
 
+def test_pargen_load_opens_a_pipeline_directory_with_the_same_calls(tmp_path):
+    """`pargen.load` on a diffusers directory (here the bundled unet-mnist): `sample` returns the pipelines'
+    `Output`, Picard at tol 0 equal to the pipeline's own loop, and a looser tolerance in fewer rounds."""
+    import pargen
+
+    d = pargen.load("unet-mnist")
+    assert d.methods == ("auto", "sequential", "picard") and "DDPMPipeline" in repr(d)
+    seq = d.sample([0, 1], method="sequential", steps=12)
+    par = d.sample([0, 1], method="picard", steps=12, window=4, tol=0)
+    assert seq.images.shape == (2, 1, 32, 32) and seq.method == "sequential" and seq.cost["rounds"] == 12
+    assert par.method == "picard" and par.cost["rounds"] <= 12 and par.cost["calls"] == 12
+    assert (par.images - seq.images).abs().max() <= EXACT
+    assert d.sample([0, 1], method="picard", steps=12, window=4, tol=1e-3).cost["rounds"] < 12
+    with pytest.raises(PargenError, match="method auto, sequential or picard"):
+        d.sample([0], method="jacobi")
+    from pargen.cli.main import main
+
+    assert main(["sample", "unet-mnist", "-n", "1", "--steps", "4", "--out", str(tmp_path / "u.png")]) == 0
+    assert (tmp_path / "u.png").exists()  # the command line takes the directory as --diffusers
+
+
 def test_bad_input_is_a_one_line_error():
     with pytest.raises(PargenError, match="not a diffusers pipeline"):
         PD.parallel(object())

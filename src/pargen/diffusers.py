@@ -556,6 +556,54 @@ def sample(path: str, pipe, seeds: list[int], method: str = "auto", batch_size: 
     return torch.cat(imgs), {**cost, **st}, f"{type(pipe).__name__} + {type(pipe.scheduler).__name__}, {how}"
 
 
+class DiffusersDirectory:
+    """A local diffusers pipeline directory behind the calls of `pargen.load`'s pipelines (`sample` returns the
+    same `Output`; `calibrate` and `bench` write and return the same records): `pargen.load(DIR)` gives one."""
+
+    family = "diffusers"
+    methods = ("auto", "sequential", "picard")
+
+    def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 scheduler: str | None = None):
+        self.path, self.pipe = str(path), load_pipeline(path, device, scheduler, dtype)
+        self.name = self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def __repr__(self) -> str:
+        return f"DiffusersDirectory({self.name!r}, {type(self.pipe).__name__} + {type(self.pipe.scheduler).__name__})"
+
+    def sample(self, seeds: int | list[int] = 16, labels: list[int] | None = None, method: str = "auto",
+               batch_size: int = 16, steps: int | None = None, guidance: float | None = None,
+               window: int | None = None, tol: float | None = None, prompt: str | None = None):
+        """Images for `seeds` (one generator per seed), `method="auto"` as the directory's calibration says."""
+        from .pipelines import Output, seed_list
+
+        seeds = seed_list(seeds)
+        x, cost, desc = sample(self.path, self.pipe, seeds, method, batch_size, steps, guidance, window, tol,
+                               list(labels) if labels is not None else None, prompt)
+        y = None if labels is None else torch.tensor([list(labels)[i % len(labels)] for i in range(len(seeds))])
+        st = {k: cost[k] for k in ("method", "window", "tol", "calibrated")}
+        return Output(x, seeds, y, st["method"], {**st, "steps": steps, "guidance": guidance},
+                      {k: cost[k] for k in ("rounds", "calls", "evaluations")}, desc)
+
+    def calibrate(self, steps: int | None = None, guidance: float | None = None, **kw: Any) -> dict[str, Any]:
+        """The window and tolerance within `max_err` of the pipeline's own images (see `calibrate`)."""
+        return calibrate(self.path, self.pipe, steps, guidance, **kw)
+
+    def bench(self, batches: list[int] = (1, 16), repeats: int = 5, steps: int | None = None,
+              guidance: float | None = None, **kw: Any) -> list[dict[str, Any]]:
+        """The pipeline's own loop against Picard, interleaved (see `bench`)."""
+        return bench(self.path, self.pipe, steps, guidance, list(batches), repeats, **kw)
+
+
+def is_pipeline_dir(path: str) -> bool:
+    """A diffusers pipeline directory, or the name of a bundled one."""
+    from pathlib import Path
+
+    from .checkpoint import BUNDLED
+
+    return (Path(path) / "model_index.json").is_file() or (BUNDLED / str(path) / "model_index.json").is_file()
+
+
 def _record_key(pipe, steps: int | None, guidance: float | None) -> str:
     return f"{type(pipe.scheduler).__name__}/{steps}/{guidance}"
 

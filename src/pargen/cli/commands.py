@@ -345,7 +345,11 @@ def generate(args, pipe, seeds: list[int], labels=None):
 
 
 def open_pipeline(args, name: str):
-    return pipelines.load(name, args.device, getattr(args, "dtype", None))
+    pipe = pipelines.load(name, args.device, getattr(args, "dtype", None))
+    if not isinstance(pipe, pipelines.Pipeline):  # a diffusers pipeline directory: its own flags and flow
+        raise PargenError(f"{name} is a diffusers pipeline directory: use --diffusers {name} (sample, calibrate "
+                          "diffusion, bench diffusion)")
+    return pipe
 
 
 def cmd_analyze(args) -> int:
@@ -380,6 +384,11 @@ def cmd_sample(args) -> int:
 
     rank, _ = distributed.init()  # under torchrun the seeds (or, --split calls, the model calls) are shared
     seeds = list(range(args.seed, args.seed + args.n))
+    if args.checkpoint and not args.diffusers:
+        from .. import diffusers as PD
+
+        if PD.is_pipeline_dir(args.checkpoint):  # `pargen sample unet-mnist` as `--diffusers unet-mnist`
+            args.diffusers, args.checkpoint = args.checkpoint, None
     if args.diffusers:
         x, desc, costs = sample_diffusers(args, seeds)
     else:

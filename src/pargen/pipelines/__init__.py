@@ -301,11 +301,18 @@ def family(*names: str):
 
 def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
          ) -> Pipeline:
-    """The pipeline of a bundled checkpoint name (e.g. "tarflow-mnist"), a checkpoint path, or a directory made by
-    `pargen convert`. `dtype`: float32 (default), bfloat16 or float16 for sampling."""
+    """The pipeline of a bundled checkpoint name (e.g. "tarflow-mnist"), a checkpoint path, a `pargen convert`
+    output, or a diffusers pipeline directory (`save_pretrained`; e.g. the bundled "unet-mnist"), which gives a
+    `pargen.diffusers.DiffusersDirectory` with the same `sample` / `calibrate` / `bench`. `dtype`: float32
+    (default), bfloat16 or float16 for sampling."""
     from . import diffusion, tarflow, tokens  # noqa: F401  (they register their families)
 
     dev, dt = parse_device(device), parse_dtype(dtype)
+    if not checkpoint.stem(name_or_path).with_name(checkpoint.stem(name_or_path).name + ".json").exists():
+        from .. import diffusers as PD
+
+        if PD.is_pipeline_dir(str(name_or_path)):
+            return PD.DiffusersDirectory(str(name_or_path), dev, dt)
     path = checkpoint.resolve(str(name_or_path))
     model, meta = checkpoint.load(path)
     fam = meta["family"]
