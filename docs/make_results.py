@@ -138,21 +138,23 @@ def _quiet_records(docs: Path, name: str, key: str | None = None) -> tuple[dict 
     return doc, recs
 
 
+def _table(caption: str, header: list[str], rows: list[str]) -> list[str]:
+    """A caption, then a markdown table of `header` over `rows` (each a finished `| ... |` line)."""
+    return [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *rows]
+
+
 def peer_lines(docs: Path) -> list[str]:
     """pargen.diffusers against diffusers' StableDiffusionParadigmsPipeline (benchmarks/diffusers_peer.py)."""
     _, recs = _quiet_records(docs, "bench_diffusers_peer.json")
     if not recs:
         return []
     r0 = recs[0]
-    lines = [f"pargen.diffusers vs diffusers' ParaDiGMS on the tiny Stable Diffusion pipeline ({r0['steps']} "
-             f"`{r0['scheduler']}` steps, guidance, batch 1, window {r0['window']}, the same tolerance convention; "
-             "errors against the sequential pipeline on [-1, 1]; `bench_diffusers_peer.json`):", "",
-             "| tol | method | rounds | model evaluations | max abs err | wall s | speed-up |", "|---|---|---|---|---|---|---|"]
-    for r in recs:
-        tol = "-" if r["method"] == "sequential" else f"{r['tol']:g}"
-        lines.append(f"| {tol} | {r['method']} | {r['rounds']} | {r['nfe']} | {_num(r['max_abs_err'])} | "
-                     f"{r['wall_s_median']:.3g} | {_speed(r)} |")
-    return lines
+    rows = [f"| {'-' if r['method'] == 'sequential' else format(r['tol'], 'g')} | {r['method']} | {r['rounds']} | "
+            f"{r['nfe']} | {_num(r['max_abs_err'])} | {r['wall_s_median']:.3g} | {_speed(r)} |" for r in recs]
+    return _table(f"pargen.diffusers vs diffusers' ParaDiGMS on the tiny Stable Diffusion pipeline ({r0['steps']} "
+                  f"`{r0['scheduler']}` steps, guidance, batch 1, window {r0['window']}, the same tolerance "
+                  "convention; errors against the sequential pipeline on [-1, 1]; `bench_diffusers_peer.json`):",
+                  ["tol", "method", "rounds", "model evaluations", "max abs err", "wall s", "speed-up"], rows)
 
 
 def tarflow_peer_lines(docs: Path) -> list[str]:
@@ -161,17 +163,15 @@ def tarflow_peer_lines(docs: Path) -> list[str]:
     if not recs:
         return []
     g = doc["guidance"]
-    lines = [f"pargen's TarFlow samplers vs the GS-Jacobi authors' code (`{doc['peer']}`) on `{doc['checkpoint']}`, "
-             f"same noise, guidance {g['guidance']:g}{' annealed' if g['annealed_guidance'] else ''}, no denoising "
-             "step; errors against pargen's sequential answer on [-1, 1]; speed-ups against pargen's sequential "
-             "sampler and against the side's own (`bench_tarflow_peer.json`):", "",
-             "| batch | method | rounds | max abs err | rel err | wall ms | vs pargen sequential | vs own sequential |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in recs:
-        lines.append(f"| {r['batch']} | {r['method']} | {r['rounds']} | {_num(r['max_abs_err'])} | "
-                     f"{_num(r['rel_err'])} | {1e3 * r['wall_s_median']:.3g} | {_speed(r)} | "
-                     f"{r['speedup_vs_own_sequential']:.2f}x |")
-    return lines
+    rows = [f"| {r['batch']} | {r['method']} | {r['rounds']} | {_num(r['max_abs_err'])} | {_num(r['rel_err'])} | "
+            f"{1e3 * r['wall_s_median']:.3g} | {_speed(r)} | {r['speedup_vs_own_sequential']:.2f}x |" for r in recs]
+    return _table(f"pargen's TarFlow samplers vs the GS-Jacobi authors' code (`{doc['peer']}`) on "
+                  f"`{doc['checkpoint']}`, same noise, guidance {g['guidance']:g}"
+                  f"{' annealed' if g['annealed_guidance'] else ''}, no denoising step; errors against pargen's "
+                  "sequential answer on [-1, 1]; speed-ups against pargen's sequential sampler and against the "
+                  "side's own (`bench_tarflow_peer.json`):",
+                  ["batch", "method", "rounds", "max abs err", "rel err", "wall ms", "vs pargen sequential",
+                   "vs own sequential"], rows)
 
 
 def official_lines(docs: Path) -> list[str]:
@@ -180,15 +180,28 @@ def official_lines(docs: Path) -> list[str]:
     _, recs = _quiet_records(docs, "bench_official_samplers.json")
     if not recs:
         return []
-    lines = ["pargen's samplers vs the official ones on the same weights (random, official sizes), from the same seed "
-             "in the official protocol; max abs difference of the images on [0, 1] (VAR) or of the token ids "
-             "(LlamaGen: 0 = the same tokens); speed-up against the official sampler (`bench_official_samplers.json`):",
-             "", "| model | batch | sampler | sequential calls | max abs diff | wall s | speed-up |",
-             "|---|---|---|---|---|---|---|"]
-    for r in recs:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['rounds']} | {_num(r['max_abs_err'])} | "
-                     f"{r['wall_s_median']:.3g} | {_speed(r)} |")
-    return lines
+    rows = [f"| {r['model']} | {r['batch']} | {r['method']} | {r['rounds']} | {_num(r['max_abs_err'])} | "
+            f"{r['wall_s_median']:.3g} | {_speed(r)} |" for r in recs]
+    return _table("pargen's samplers vs the official ones on the same weights (random, official sizes), from the same "
+                  "seed in the official protocol; max abs difference of the images on [0, 1] (VAR) or of the token "
+                  "ids (LlamaGen: 0 = the same tokens); speed-up against the official sampler "
+                  "(`bench_official_samplers.json`):",
+                  ["model", "batch", "sampler", "sequential calls", "max abs diff", "wall s", "speed-up"], rows)
+
+
+def sjd_peer_lines(docs: Path) -> list[str]:
+    """pargen's speculative Jacobi decoding against the SJD authors' sampler (benchmarks/sjd_peer.py)."""
+    doc, recs = _quiet_records(docs, "bench_sjd_peer.json", "records")
+    if not recs:
+        return []
+    calls = doc["calls_per_image"]
+    rows = [f"| {r['method']} | {calls[r['method']]:.1f} | {1e3 * r['wall_s_median']:.3g} | {_speed(r)} |"
+            for r in recs]
+    return _table(f"pargen's speculative Jacobi decoding vs the SJD authors' sampler (`{doc['peer']}`) on "
+                  f"`{doc['checkpoint']}` (the same model: teacher-forced logits {_num(doc['logits_parity'])} apart), "
+                  f"window {doc['window']}, guidance {doc['guidance']:g}; calls per image over {doc['seeds']} seeds, "
+                  "wall time at batch 1 against pargen's sequential decoder (`bench_sjd_peer.json`):",
+                  ["sampler", "calls per image (mean)", "wall ms", "speed-up"], rows)
 
 
 def section(docs: Path = DOCS) -> str:
@@ -206,9 +219,9 @@ def section(docs: Path = DOCS) -> str:
             "/ method median). A file whose pair ratios disagree (the machine was shared) is refused. `-` as error: another model (VAR or CTF against raster AR) or another draw from the same "
             "distribution (speculative Jacobi decoding, `sjd`).")
     peer = peer_lines(docs) + [""] + tarflow_peer_lines(docs)
-    official = official_lines(docs)
-    if official:
-        peer += [""] + official
+    for more in (official_lines(docs), sjd_peer_lines(docs)):
+        if more:
+            peer += [""] + more
     return "\n".join([START, "", *head, *rows, "", note, "", *quality_lines(docs), "", *(peer + [""] if peer else []),
                       END])
 
