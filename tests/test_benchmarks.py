@@ -220,16 +220,18 @@ def test_official_samplers_puts_the_checkout_on_the_path_only_while_it_runs(tmp_
     assert "give --var and / or --llamagen" in capsys.readouterr().err
 
 
-def test_sjd_peer_runs_the_peer_on_the_cpu_clock_and_refuses_a_wrong_checkout(tmp_path):
+def test_sjd_peer_runs_the_peer_on_the_cpu_clock_and_refuses_a_wrong_checkout(tmp_path, monkeypatch):
     """The SJD side-by-side script (the peer needs transformers 4.4x, not in CI; figures in
-    docs/bench_sjd_peer.json): CUDA's timing calls answered on the CPU clock, torch otherwise the same, and a
-    folder that is not the peer's checkout refused by name."""
+    docs/bench_sjd_peer.json): CUDA's timing calls answered on the CPU clock (milliseconds between two records,
+    as CUDA events report), torch otherwise the same, and a folder that is not the peer's checkout refused by name."""
     S = script("sjd_peer")
+    clock = iter([10.0, 10.25])
+    monkeypatch.setattr(S.time, "perf_counter", lambda: next(clock))
     shim = S._TorchOnCPU()
     a, b = shim.cuda.Event(enable_timing=True), shim.cuda.Event(enable_timing=True)
     a.record()
     shim.cuda.synchronize()
     b.record()
-    assert 0 <= a.elapsed_time(b) < 1000 and shim.zeros(2).shape == (2,) and shim.float32 is torch.float32
+    assert a.elapsed_time(b) == 250.0 and shim.zeros(2).shape == (2,) and shim.float32 is torch.float32
     with pytest.raises(SystemExit, match="not a checkout of tyshiwo1/Accelerating-T2I-AR-with-SJD"):
         S.load_peer(str(tmp_path))
