@@ -206,13 +206,22 @@ def resolve(name_or_path: str | os.PathLike, near: str | os.PathLike | None = No
     b = BUNDLED / str(name_or_path)
     if b.with_name(b.name + ".json").exists():
         return b
-    if any((d / "model_index.json").is_file() for d in (Path(name_or_path), BUNDLED / str(name_or_path))):
+    if pipeline_dir(name_or_path) is not None:
         raise PargenError(f"{name_or_path} is a diffusers pipeline directory, not a pargen checkpoint: "
                           f"`pargen.load({str(name_or_path)!r})` in Python, `--diffusers {name_or_path}` here")
     bundled = sorted(q.stem for q in BUNDLED.glob("*.json") if q.with_suffix(".safetensors").exists())
     beside = f"not in {near}, beside the checkpoint that names it; " if near is not None else ""
     raise PargenError(f"no checkpoint {str(name_or_path)!r} ({beside}neither a path nor one of the bundled: "
                       f"{', '.join(bundled) or 'none'})")
+
+
+def pipeline_dir(name_or_path: str | os.PathLike) -> Path | None:
+    """The diffusers pipeline directory (`save_pretrained`: it holds model_index.json) at this path, or the
+    bundled one of this name; None when there is none."""
+    for d in (Path(name_or_path), BUNDLED / str(name_or_path)):
+        if (d / "model_index.json").is_file():
+            return d
+    return None
 
 
 def link(target: str | os.PathLike, ckpt: str | os.PathLike) -> str:

@@ -475,14 +475,10 @@ def load_pipeline(path: str, device: str = "cpu", scheduler: str | None = None,
                   dtype: torch.dtype = torch.float32):
     """A diffusers pipeline from a local directory (`save_pretrained`), optionally with another scheduler class
     built from its scheduler's config (e.g. "DPMSolverMultistepScheduler"); never downloads."""
-    from pathlib import Path
+    from .checkpoint import pipeline_dir
 
-    root = Path(path)
-    if not root.exists() and "/" not in str(path):  # a bundled pipeline name
-        from .checkpoint import BUNDLED
-
-        root = BUNDLED / str(path) if (BUNDLED / str(path) / "model_index.json").is_file() else root
-    if not (root / "model_index.json").is_file():
+    root = pipeline_dir(path)
+    if root is None:
         raise PargenError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     import diffusers
 
@@ -593,15 +589,6 @@ class DiffusersDirectory:
               guidance: float | None = None, **kw: Any) -> list[dict[str, Any]]:
         """The pipeline's own loop against Picard, interleaved (see `bench`)."""
         return bench(self.path, self.pipe, steps, guidance, list(batches), repeats, **kw)
-
-
-def is_pipeline_dir(path: str) -> bool:
-    """A diffusers pipeline directory, or the name of a bundled one."""
-    from pathlib import Path
-
-    from .checkpoint import BUNDLED
-
-    return (Path(path) / "model_index.json").is_file() or (BUNDLED / str(path) / "model_index.json").is_file()
 
 
 def _record_key(pipe, steps: int | None, guidance: float | None) -> str:

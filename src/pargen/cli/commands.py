@@ -384,11 +384,8 @@ def cmd_sample(args) -> int:
 
     rank, _ = distributed.init()  # under torchrun the seeds (or, --split calls, the model calls) are shared
     seeds = list(range(args.seed, args.seed + args.n))
-    if args.checkpoint and not args.diffusers:
-        from .. import diffusers as PD
-
-        if PD.is_pipeline_dir(args.checkpoint):  # `pargen sample unet-mnist` as `--diffusers unet-mnist`
-            args.diffusers, args.checkpoint = args.checkpoint, None
+    if args.checkpoint and not args.diffusers and checkpoint.pipeline_dir(args.checkpoint) is not None:
+        args.diffusers, args.checkpoint = args.checkpoint, None  # `pargen sample unet-mnist` as `--diffusers ...`
     if args.diffusers:
         x, desc, costs = sample_diffusers(args, seeds)
     else:
@@ -438,11 +435,12 @@ def _classifier(name: str):
     return clf
 
 
-def _check_domain(x: torch.Tensor, clf, what: str, name: str) -> None:
-    c = clf.config
-    if tuple(x.shape[1:]) != (c.in_channels, c.img_size, c.img_size):
-        raise PargenError(f"{what} are {'x'.join(map(str, x.shape[1:]))} but the metric network {name} scores "
-                          f"{c.in_channels}x{c.img_size}x{c.img_size} images; resize them or pick --classifier")
+def _check_domain(shape: tuple[int, ...], clf, what: str, name: str) -> None:
+    from ..evaluation import metrics
+
+    if tuple(shape) != metrics.domain(clf):
+        raise PargenError(f"{what} are {'x'.join(map(str, shape))} but the metric network {name} scores "
+                          f"{'x'.join(map(str, metrics.domain(clf)))} images; resize them or pick --classifier")
 
 
 def tarflow_bpd(model, test) -> dict[str, float]:
@@ -477,7 +475,7 @@ def cmd_eval(args) -> int:
         raise PargenError("give a checkpoint or image sets (--folder / --npz), not both")
     if not sets and args.target is None:
         raise PargenError("eval needs a checkpoint, folder:PATH, --folder PATH or --npz FILE")
-    real = None
+    real = clf = None
     if sets:
         fake = _image_set(sets[0])[: args.n]
         result["images"] = sets[0]
@@ -518,7 +516,7 @@ def cmd_eval(args) -> int:
         pipe = open_pipeline(args, args.target)
         clf = _classifier(args.classifier)
         if pipe.shape is not None:  # before sampling: images the metric network cannot score are refused now
-            _check_domain(torch.empty(1, *pipe.shape), clf, f"{pipe.name}'s images", args.classifier)
+            _check_domain(pipe.shape, clf, f"{pipe.name}'s images", args.classifier)
         if meta["family"] == "tarflow" and tuple(test.shape) != pipe.shape:
             raise PargenError(f"bits/dim needs test images of {pipe.name}'s shape {'x'.join(map(str, pipe.shape))}; "
                               f"{args.data} has {'x'.join(map(str, test.shape))} (pick --data)")
@@ -531,11 +529,12 @@ def cmd_eval(args) -> int:
             result.update(tarflow_bpd(pipe.float32().model, test))
     if rank:
         return 0
-    clf = _classifier(args.classifier)
+    if clf is None:  # not loaded yet (it was for a checkpoint's samples)
+        clf = _classifier(args.classifier)
     if real is None:
         real = data.load(args.data, "test").float()[: max(args.n, 1000)]
-    _check_domain(fake, clf, "the images", args.classifier)
-    _check_domain(real, clf, "the reference images", args.classifier)
+    _check_domain(fake.shape[1:], clf, "the images", args.classifier)
+    _check_domain(real.shape[1:], clf, "the reference images", args.classifier)
     sc = metrics.scores(real, fake, metrics.classifier_features(clf), clf)
     result.update({f"classifier_{k}": v for k, v in sc.items()}, n=len(fake), n_reference=len(real))
     print(f"classifier FID {sc['fid']:.2f}  KID {sc['kid']:.4f}  IS {sc['is']:.2f}  ({len(fake)} images against "

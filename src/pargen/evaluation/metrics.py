@@ -122,15 +122,20 @@ def scores(real: Tensor, fake: Tensor, features: _Features, classifier: nn.Modul
     return out
 
 
+def domain(clf: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the images a classifier scores."""
+    c = clf.config
+    return c.in_channels, c.img_size, c.img_size
+
+
 def check_fid_domain(shape: tuple[int, ...] | None, classifier: str = "classifier-mnist") -> nn.Module:
     """The classifier FID is computed with, after checking that it scores images of `shape` (C, H, W)."""
     from .. import checkpoint
 
     clf, _ = checkpoint.load(checkpoint.resolve(classifier))
-    c = clf.config
-    if shape is not None and tuple(shape) != (c.in_channels, c.img_size, c.img_size):
+    if shape is not None and tuple(shape) != domain(clf):
         raise PargenError(f"FID: the images are {'x'.join(map(str, shape))} but {classifier} scores "
-                          f"{c.in_channels}x{c.img_size}x{c.img_size} images (MNIST-like); leave out the FID here")
+                          f"{'x'.join(map(str, domain(clf)))} images (MNIST-like); leave out the FID here")
     return clf
 
 

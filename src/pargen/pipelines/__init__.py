@@ -308,11 +308,11 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: st
     from . import diffusion, tarflow, tokens  # noqa: F401  (they register their families)
 
     dev, dt = parse_device(device), parse_dtype(dtype)
-    if not checkpoint.stem(name_or_path).with_name(checkpoint.stem(name_or_path).name + ".json").exists():
+    s = checkpoint.stem(name_or_path)
+    if not s.with_name(s.name + ".json").exists() and checkpoint.pipeline_dir(name_or_path) is not None:
         from .. import diffusers as PD
 
-        if PD.is_pipeline_dir(str(name_or_path)):
-            return PD.DiffusersDirectory(str(name_or_path), dev, dt)
+        return PD.DiffusersDirectory(str(name_or_path), dev, dt)
     path = checkpoint.resolve(str(name_or_path))
     model, meta = checkpoint.load(path)
     fam = meta["family"]
