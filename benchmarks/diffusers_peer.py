@@ -1,12 +1,14 @@
 """pargen.diffusers against diffusers' own ParaDiGMS pipeline, side by side on the same tiny Stable Diffusion.
 
-`StableDiffusionParadigmsPipeline` with `DDPMParallelScheduler` (diffusers' copy of ParaDiGMS; one pipeline, two
-schedulers) and `pargen.diffusers.parallel` over the plain `StableDiffusionPipeline` with the same scheduler, the
-same window and the same tolerance convention (tol relative to the step's noise std, `tol_scale="noise"`), against
-the sequential pipeline: rounds (sequential denoiser calls), model evaluations, max abs error of the images and wall
-time at batch 1, interleaved in one process (`pargen.evaluation.bench.run`).
+`StableDiffusionParadigmsPipeline` (diffusers' copy of ParaDiGMS) with `DDPMParallelScheduler` (100 steps) and
+with `DDIMParallelScheduler` (50 steps), and `pargen.diffusers.parallel` over the plain `StableDiffusionPipeline`
+with the same scheduler, the same window and the same tolerance convention (tol relative to the step's noise std,
+`tol_scale="noise"`), against the sequential pipeline: rounds (sequential denoiser calls), model evaluations, max
+abs error of the images, wall time at batch 1 interleaved in one process (`pargen.evaluation.bench.run`), and for
+pargen the time per round outside the model call (`overhead_ms`) beside the model's (`model_ms_per_round`).
 
-    python benchmarks/diffusers_peer.py --steps 100 --window 8 --tols 0.1 0.01 --json docs/bench_diffusers_peer.json
+    python benchmarks/diffusers_peer.py --steps 100 --ddim-steps 50 --window 8 --tols 0.1 0.01 \
+        --json docs/bench_diffusers_peer.json
 """
 from __future__ import annotations
 
@@ -24,22 +26,14 @@ import pargen.diffusers as PD  # noqa: E402
 from pargen.evaluation import bench as benchmod  # noqa: E402
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--window", type=int, default=8)
-    p.add_argument("--tols", type=float, nargs="+", default=[0.1, 0.01])
-    p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-    from diffusers import DDPMParallelScheduler, StableDiffusionParadigmsPipeline
+def compare(sched, steps: int, args) -> list[dict]:
+    """Sequential, the peer and pargen on one scheduler, at each tolerance."""
+    from diffusers import StableDiffusionParadigmsPipeline
 
-    sched = DDPMParallelScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
     pipe = T.sd(sched)
     peer = T._quiet(StableDiffusionParadigmsPipeline(
         **{k: v for k, v in pipe.components.items() if k != "image_encoder"}))
-    kw = dict(prompt="a cat", num_inference_steps=args.steps, guidance_scale=args.guidance, height=16, width=16,
+    kw = dict(prompt="a cat", num_inference_steps=steps, guidance_scale=args.guidance, height=16, width=16,
               output_type="pt")
     real = pipe.unet.forward
     seen = {"calls": 0, "rows": 0}
@@ -75,17 +69,39 @@ def main() -> None:
 
         def go():
             out = fast(generator=torch.Generator().manual_seed(0), **kw).images * 2 - 1
-            return out, {"rounds": fast.cost.rounds, "nfe": fast.cost.evaluations, "replays": fast.cost.replays}
+            c = fast.cost
+            return out, {"rounds": c.rounds, "nfe": c.evaluations, "replays": c.replays, "path": c.path,
+                         "overhead_ms": c.overhead_s * 1e3, "model_ms_per_round": c.model_s * 1e3 / c.rounds}
         return go
 
     records = []
     for tol in args.tols:
-        info = {"window": args.window, "tol": tol, "steps": args.steps, "scheduler": "DDPMParallelScheduler",
+        info = {"window": args.window, "tol": tol, "steps": steps, "scheduler": type(sched).__name__,
                 "pipeline": "tiny StableDiffusionPipeline"}
         records += benchmod.run("diffusers", benchmod.Method("sequential", run_seq, info),
                                 [benchmod.Method("diffusers-paradigms", run_peer(tol), info),
                                  benchmod.Method("pargen-picard", run_pargen(tol), info)],
                                 batch=1, seed=0, repeats=args.repeats, progress=True)
+    return records
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=100, help="DDPM steps")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (0: no DDIM comparison)")
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--tols", type=float, nargs="+", default=[0.1, 0.01])
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    from diffusers import DDIMParallelScheduler, DDPMParallelScheduler
+
+    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    records = []
+    for cls, steps in ((DDPMParallelScheduler, args.steps), (DDIMParallelScheduler, args.ddim_steps)):
+        if steps:
+            records += compare(cls(**betas), steps, args)
     print(benchmod.table(records))
     if args.json:
         benchmod.write_json(records, args.json)

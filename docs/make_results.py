@@ -144,17 +144,24 @@ def _table(caption: str, header: list[str], rows: list[str]) -> list[str]:
 
 
 def peer_lines(docs: Path) -> list[str]:
-    """pargen.diffusers against diffusers' StableDiffusionParadigmsPipeline (benchmarks/diffusers_peer.py)."""
+    """pargen.diffusers against diffusers' StableDiffusionParadigmsPipeline (benchmarks/diffusers_peer.py): one
+    table per scheduler."""
     _, recs = _quiet_records(docs, "bench_diffusers_peer.json")
-    if not recs:
-        return []
-    r0 = recs[0]
-    rows = [f"| {'-' if r['method'] == 'sequential' else format(r['tol'], 'g')} | {r['method']} | {r['rounds']} | "
-            f"{r['nfe']} | {_num(r['max_abs_err'])} | {r['wall_s_median']:.3g} | {_speed(r)} |" for r in recs]
-    return _table(f"pargen.diffusers vs diffusers' ParaDiGMS on the tiny Stable Diffusion pipeline ({r0['steps']} "
-                  f"`{r0['scheduler']}` steps, guidance, batch 1, window {r0['window']}, the same tolerance "
-                  "convention; errors against the sequential pipeline on [-1, 1]; `bench_diffusers_peer.json`):",
-                  ["tol", "method", "rounds", "model evaluations", "max abs err", "wall s", "speed-up"], rows)
+    lines: list[str] = []
+    for key in dict.fromkeys((r["scheduler"], r["steps"]) for r in recs):
+        rs = [r for r in recs if (r["scheduler"], r["steps"]) == key]
+        r0 = rs[0]
+        rows = [f"| {'-' if r['method'] == 'sequential' else format(r['tol'], 'g')} | {r['method']} | {r['rounds']} | "
+                f"{r['nfe']} | {_num(r['max_abs_err'])} | {r['wall_s_median']:.3g} | {_speed(r)} | "
+                + (f"{r['overhead_ms']:.2g} / {r['model_ms_per_round']:.2g}" if "overhead_ms" in r else "-") + " |"
+                for r in rs]
+        lines += ([""] if lines else []) + _table(
+            f"pargen.diffusers vs diffusers' ParaDiGMS on the tiny Stable Diffusion pipeline ({r0['steps']} "
+            f"`{r0['scheduler']}` steps, guidance, batch 1, window {r0['window']}, the same tolerance convention; "
+            "errors against the sequential pipeline on [-1, 1]; `bench_diffusers_peer.json`):",
+            ["tol", "method", "rounds", "model evaluations", "max abs err", "wall s", "speed-up",
+             "ms per round: outside / in the model"], rows)
+    return lines
 
 
 def tarflow_peer_lines(docs: Path) -> list[str]:

@@ -37,14 +37,18 @@ def _run(pipe, fast, **kw):
     return ref, out
 
 
-def _check(pipe, window: int = 4, loose: float = 1e-2, close: float = 1e-3, **kw):
+def _check(pipe, window: int = 4, loose: float = 1e-2, close: float = 1e-3, path: str = "driven", **kw):
     exact = PD.parallel(pipe, window=window, tol=0)
     ref, out = _run(pipe, exact, **kw)
     assert out.shape == ref.shape and np.abs(out - ref).max() <= EXACT
     c = exact.cost
-    # the first replay runs each solved model's first call for real (the UNet's, and a ControlNet's before it)
+    assert c.path == path and (c.why is None) == (path == "driven"), (c.path, c.why)
     assert c.calls >= 2 and c.rounds <= c.calls and c.evaluations >= c.rounds
-    assert len(c.residuals) == c.rounds - len(exact.models)
+    assert 0 < c.model_s < c.wall_s and 0 < c.loop_s < c.wall_s and c.overhead_s > 0
+    if path == "driven":  # the pipeline's call to its first step, the rounds, its call answered from the solution
+        assert len(c.residuals) == c.rounds and c.replays == 2
+    else:  # the first replay runs each solved model's first call for real (a ControlNet's, then the UNet's)
+        assert len(c.residuals) == c.rounds - len(exact.models) and c.replays == len(c.residuals) + 2
     fast = PD.parallel(pipe, window=window, tol=loose)
     ref, out = _run(pipe, fast, **kw)
     assert fast.cost.rounds < c.calls and np.abs(out - ref).max() <= close
@@ -59,10 +63,11 @@ PIPELINES = {
     "sd3-flow-match": (T.sd3, dict(prompt="a cat", negative_prompt="dark", num_inference_steps=8, guidance_scale=5.0,
                                    height=16, width=16)),
     "img2img": (lambda: T.sd(img2img=True), dict(KW_SD, image=_image(), strength=0.75)),
-    "inpaint": (lambda: T.sd(inpaint=True), dict(KW_SD, image=_image(), mask_image=_image(1).convert("L"))),
-    "controlnet": (T.sd_controlnet, dict(KW_SD, image=_image())),
+    "inpaint": (lambda: T.sd(inpaint=True), dict(KW_SD, image=_image(), mask_image=_image(1).convert("L"),
+                                                 path="replay")),
+    "controlnet": (T.sd_controlnet, dict(KW_SD, image=_image(), path="replay")),
     "multi-controlnet": (lambda: T.sd_controlnet(2), dict(KW_SD, image=[_image(), _image(1)],
-                                                           controlnet_conditioning_scale=[1.0, 0.5])),
+                                                           controlnet_conditioning_scale=[1.0, 0.5], path="replay")),
     "sdxl": (T.sdxl, KW_SD),
     "flux": (T.flux, dict(prompt="a cat", num_inference_steps=8, guidance_scale=3.5, height=16, width=16,
                           max_sequence_length=16, loose=1e-3)),
@@ -105,7 +110,8 @@ def test_one_call_per_window_is_bit_exact_and_sequential_method_counts_calls():
     assert np.array_equal(ref, out)
     seq = PD.parallel(pipe, method="sequential")
     ref, out = _run(pipe, seq, **KW_SD)
-    assert np.array_equal(ref, out) and seq.cost.rounds == seq.cost.calls == 8 and seq.cost.replays == 1
+    c = seq.cost
+    assert np.array_equal(ref, out) and c.path == "pipeline" and c.rounds == c.calls == 8 and c.replays == 0
 
 
 def test_output_carries_the_cost_and_text_encodes_once():
@@ -115,42 +121,42 @@ def test_output_carries_the_cost_and_text_encodes_once():
     pipe.text_encoder.forward = lambda *a, **k: calls.append(1) or real(*a, **k)
     fast = PD.parallel(pipe, window=4, tol=1e-2)
     out = fast(generator=torch.Generator().manual_seed(0), output_type="np", **KW_SD)
-    assert out.pargen is fast.cost and fast.cost.replays == fast.cost.rounds + 1
+    assert out.pargen is fast.cost and fast.cost.path == "driven" and fast.cost.replays == 2
     assert len(calls) == 2  # prompt and negative prompt, once each for all replays
-    assert "forward" not in pipe.unet.__dict__  # the denoiser is restored
+    assert "forward" not in pipe.unet.__dict__ and "step" not in pipe.scheduler.__dict__  # both restored
 
 
-def test_a_controlnet_is_solved_with_the_denoiser_not_rerun_in_every_replay():
-    """A ControlNet's outputs feed the UNet at every step: pargen batches its calls in the same windows (one
-    batched ControlNet call per round, as for the UNet), instead of running it for real in every replay."""
-    import functools
+def test_a_callback_that_edits_the_latents_is_replayed_and_said_once():
+    """A `callback_on_step_end` is part of the loop (here it damps the latents and logs): pargen replays the
+    pipeline's whole call per round instead of driving its steps, the answer is the pipeline's own, and what the
+    callback logs is said as often as in the pipeline's own call (8 steps), not once per replay."""
+    import logging
 
-    pipe = T.sd_controlnet()
-    real, seen = pipe.controlnet.forward, []
+    log, said = logging.getLogger("diffusers"), []
+    handler = logging.Handler()
+    handler.emit = lambda r: said.append(r.getMessage())
+    log.addHandler(handler)
+    level = log.level
 
-    @functools.wraps(real)
-    def counting(*a, **k):
-        seen.append(a[0].shape[0] if a else k["sample"].shape[0])
-        return real(*a, **k)
+    def damp(pipe, i, t, kw):
+        log.warning("step %d", i)
+        return {"latents": kw["latents"] * 0.9}
 
-    pipe.controlnet.forward = counting
     try:
+        pipe = T.sd()
         fast = PD.parallel(pipe, window=4, tol=0)
-        ref, out = _run(pipe, fast, **KW_SD, image=_image())
+        ref, out = _run(pipe, fast, callback_on_step_end=damp, **KW_SD)
     finally:
-        del pipe.controlnet.forward
+        log.removeHandler(handler)
     c = fast.cost
-    steps = KW_SD["num_inference_steps"]
-    assert np.abs(out - ref).max() <= EXACT and c.calls == 2 * steps  # a ControlNet and a UNet call per step
-    # the pipeline's own 8 calls, then 1 in the first replay and one batched call per window: none in replays
-    assert len(seen) == steps + 1 + len(c.residuals) and c.rounds == 2 + len(c.residuals)
-    controlnet_inputs = sum(seen[steps:]) // 4  # 4 rows per call (2 prompts x guidance)
-    assert controlnet_inputs < c.evaluations <= 2 * controlnet_inputs + 1  # and about as many UNet inputs
+    assert np.abs(out - ref).max() <= EXACT and c.path == "replay" and "callback_on_step_end" in c.why
+    assert c.replays > 2 and said == [f"step {i}" for i in range(8)] * 2 and log.level == level
 
 
-def test_what_the_pipeline_says_is_said_once_not_once_per_replay():
-    """DDPMPipeline with an Euler scheduler logs a warning at every step (it never calls scale_model_input):
-    the parallel call logs exactly what the pipeline's own call logs, and diffusers' log level is restored."""
+def test_ddpm_pipeline_takes_any_scheduler_by_its_protocol():
+    """DDPMPipeline's loop never calls init_noise_sigma or scale_model_input, which an Euler scheduler needs
+    (diffusers warns at every step): pargen's driven rounds apply the protocol, so its sequential and parallel
+    answers are the correct loop's (test_scheduler_matrix_on_unet_mnist), and it warns at no step."""
     import logging
 
     from diffusers import EulerDiscreteScheduler
@@ -161,15 +167,82 @@ def test_what_the_pipeline_says_is_said_once_not_once_per_replay():
     handler = logging.Handler()
     handler.emit = records.append
     log.addHandler(handler)
-    level = log.level
     try:
         fast = PD.parallel(pipe, window=4, tol=1e-3)
-        _run(pipe, fast, batch_size=1, num_inference_steps=12)
+        fast(generator=torch.Generator().manual_seed(0), batch_size=1, num_inference_steps=12)
     finally:
         log.removeHandler(handler)
-    said = [r for r in records if "scale_model_input" in r.getMessage()]
-    assert fast.cost.replays > 2 and len(said) == 2 * 12  # 12 steps: the pipeline's own call, then pargen's
-    assert log.level == level
+    assert fast.cost.path == "driven" and not [r for r in records if "scale_model_input" in r.getMessage()]
+
+
+def test_a_noise_relative_tolerance_on_ddpm_and_ddim_and_a_clear_refusal_elsewhere():
+    """tol_scale="noise" (ParaDiGMS' convention: tol relative to the step's noise std) is exact at tol 0 and saves
+    rounds at 0.1 on DDPM- and DDIM-family schedulers; a scheduler without a noise variance is refused."""
+    import diffusers
+
+    betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    for name in ("DDPMParallelScheduler", "DDIMScheduler"):
+        pipe = T.sd(getattr(diffusers, name)(**betas))
+        exact = PD.parallel(pipe, window=4, tol=0, tol_scale="noise")
+        ref, out = _run(pipe, exact, **KW_SD)
+        assert np.abs(out - ref).max() <= EXACT
+        fast = PD.parallel(pipe, window=4, tol=0.1, tol_scale="noise")
+        ref, out = _run(pipe, fast, **KW_SD)
+        assert fast.cost.rounds < exact.cost.rounds and np.abs(out - ref).max() <= 5e-2, name
+    pipe = T.sd(diffusers.EulerDiscreteScheduler(**betas))
+    with pytest.raises(PargenError, match="needs a DDPM- or DDIM-family scheduler"):
+        PD.parallel(pipe, tol_scale="noise")(**KW_SD)
+
+
+MATRIX = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+          "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+          "LMSDiscreteScheduler", "PNDMScheduler"]
+
+
+@pytest.fixture(scope="module")
+def unet_mnist():
+    import pargen
+
+    return pargen.load("unet-mnist").pipe
+
+
+def _correct_loop(pipe, steps: int, batch: int, seed: int) -> np.ndarray:
+    """The scheduler protocol written out by hand: noise scaled by init_noise_sigma, every input through
+    scale_model_input, the generator passed to `step` only where it takes one; decoded as DDPMPipeline does."""
+    import inspect
+
+    from diffusers.utils.torch_utils import randn_tensor
+
+    sched, unet, g = pipe.scheduler, pipe.unet, torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    x = randn_tensor((batch, unet.config.in_channels, size, size), generator=g, dtype=unet.dtype)
+    sched.set_timesteps(steps)
+    x = x * sched.init_noise_sigma
+    kw = {"generator": g} if "generator" in inspect.signature(sched.step).parameters else {}
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(sched.scale_model_input(x, t), t).sample, t, x, **kw).prev_sample
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("scheduler", MATRIX)
+def test_scheduler_matrix_on_unet_mnist(unet_mnist, scheduler):
+    """Every scheduler on the bundled DDPMPipeline: pargen's sequential call is the correct loop bit for bit,
+    its Picard call at tol 0 within the float rounding of batched calls (1e-5 on [0, 1]; PNDM's repeated
+    timesteps carry it furthest). DDPMPipeline's own loop skips the protocol: see the README."""
+    import diffusers
+
+    pipe = unet_mnist
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    ref = _correct_loop(pipe, 10, 2, 0)
+    for method, bound in (("sequential", 0.0), ("picard", 1e-5)):
+        fast = PD.parallel(pipe, method=method, window=4, tol=0)
+        out = fast(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images
+        c = fast.cost
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= bound, (method, np.abs(out - ref).max())
+        assert c.path == "driven" and c.calls == len(pipe.scheduler.timesteps) and c.replays == 2
+        assert (c.rounds == c.calls) if method == "sequential" else (c.rounds <= c.calls < c.evaluations)
 
 
 def test_pargen_load_opens_a_pipeline_directory_with_the_same_calls(tmp_path):

@@ -35,7 +35,7 @@ def cmd_bench(args) -> int:
     if args.family == "lowrank":
         return _bench_lowrank(args)
     if args.diffusers:
-        from .. import diffusers as PD
+        from ..pipelines import diffusers as PD
 
         if args.family != "diffusion" or args.checkpoint:
             raise PargenError("--diffusers DIR benches a diffusers pipeline: `pargen bench diffusion --diffusers DIR`")

@@ -407,7 +407,7 @@ def cmd_sample(args) -> int:
 
 def sample_diffusers(args, seeds: list[int]):
     """A local diffusers pipeline sampled with pargen.diffusers; (images in [-1, 1], description, cost line)."""
-    from .. import diffusers as PD
+    from ..pipelines import diffusers as PD
 
     if args.checkpoint:
         raise PargenError("give a pargen checkpoint or --diffusers DIR, not both")
@@ -550,7 +550,7 @@ def cmd_eval(args) -> int:
 
 def cmd_calibrate(args) -> int:
     if args.diffusers:
-        from .. import diffusers as PD
+        from ..pipelines import diffusers as PD
 
         if args.family != "diffusion" or args.checkpoint:
             raise PargenError("--diffusers DIR calibrates a diffusers pipeline: `pargen calibrate diffusion "

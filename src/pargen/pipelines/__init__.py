@@ -303,14 +303,14 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu", dtype: st
          ) -> Pipeline:
     """The pipeline of a bundled checkpoint name (e.g. "tarflow-mnist"), a checkpoint path, a `pargen convert`
     output, or a diffusers pipeline directory (`save_pretrained`; e.g. the bundled "unet-mnist"), which gives a
-    `pargen.diffusers.DiffusersDirectory` with the same `sample` / `calibrate` / `bench`. `dtype`: float32
+    `pargen.pipelines.diffusers.DiffusersDirectory` with the same `sample` / `calibrate` / `bench`. `dtype`: float32
     (default), bfloat16 or float16 for sampling."""
     from . import diffusion, tarflow, tokens  # noqa: F401  (they register their families)
 
     dev, dt = parse_device(device), parse_dtype(dtype)
     s = checkpoint.stem(name_or_path)
     if not s.with_name(s.name + ".json").exists() and checkpoint.pipeline_dir(name_or_path) is not None:
-        from .. import diffusers as PD
+        from . import diffusers as PD
 
         return PD.DiffusersDirectory(str(name_or_path), dev, dt)
     path = checkpoint.resolve(str(name_or_path))
