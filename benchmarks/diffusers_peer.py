@@ -5,7 +5,7 @@ with `DDIMParallelScheduler` (50 steps), and `pargen.diffusers.parallel` over th
 with the same scheduler, the same window and the same tolerance convention (tol relative to the step's noise std,
 `tol_scale="noise"`), against the sequential pipeline: rounds (sequential denoiser calls), model evaluations, max
 abs error of the images, wall time at batch 1 interleaved in one process (`pargen.evaluation.bench.run`), and for
-pargen the time per round outside the model call (`overhead_ms`) beside the model's (`model_ms_per_round`).
+pargen the time per round outside the model call (`overhead_s`) beside the model's (`model_s_per_round`).
 
     python benchmarks/diffusers_peer.py --steps 100 --ddim-steps 50 --window 8 --tols 0.1 0.01 \
         --json docs/bench_diffusers_peer.json
@@ -71,7 +71,7 @@ def compare(sched, steps: int, args) -> list[dict]:
             out = fast(generator=torch.Generator().manual_seed(0), **kw).images * 2 - 1
             c = fast.cost
             return out, {"rounds": c.rounds, "nfe": c.evaluations, "replays": c.replays, "path": c.path,
-                         "overhead_ms": c.overhead_s * 1e3, "model_ms_per_round": c.model_s * 1e3 / c.rounds}
+                         "overhead_s": c.overhead_s, "model_s_per_round": c.model_s / c.rounds}
         return go
 
     records = []

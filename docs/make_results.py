@@ -22,6 +22,7 @@ SPEED = [("bench_tarflow.json", "TarFlow `tarflow-mnist`"), ("bench_diffusion.js
          ("bench_diffusion_lite_ddpm_interleaved.json", "diffusion `denoiser-mnist-lite`, re-measured interleaved"),
          ("bench_var.json", "VAR `var-mnist` / raster AR `raster-mnist`"),
          ("bench_ctf_speed.json", "raster AR `raster-mnist` / CTF `c2f-mnist`"),  # `bench ctf` without --fid
+         ("bench_unet_mnist_ddim50.json", "diffusers `unet-mnist`"),
          ("bench_unet_mnist_dpmpp20.json", "diffusers `unet-mnist`"),
          ("bench_unet_mnist_euler50.json", "diffusers `unet-mnist`"),
          ("bench_llamagen_b.json", "LlamaGen GPT-B (random weights, 256 tokens only)")]
@@ -153,7 +154,7 @@ def peer_lines(docs: Path) -> list[str]:
         r0 = rs[0]
         rows = [f"| {'-' if r['method'] == 'sequential' else format(r['tol'], 'g')} | {r['method']} | {r['rounds']} | "
                 f"{r['nfe']} | {_num(r['max_abs_err'])} | {r['wall_s_median']:.3g} | {_speed(r)} | "
-                + (f"{r['overhead_ms']:.2g} / {r['model_ms_per_round']:.2g}" if "overhead_ms" in r else "-") + " |"
+                + (f"{r['overhead_s'] * 1e3:.2g} / {r['model_s_per_round'] * 1e3:.2g}" if "overhead_s" in r else "-") + " |"
                 for r in rs]
         lines += ([""] if lines else []) + _table(
             f"pargen.diffusers vs diffusers' ParaDiGMS on the tiny Stable Diffusion pipeline ({r0['steps']} "

@@ -1,29 +1,29 @@
-"""Parallel (Picard) sampling for any `diffusers` pipeline, with the pipeline's own code doing every step.
+"""Parallel (Picard) sampling for any `diffusers` pipeline, with the pipeline's and the scheduler's own code.
 
     fast = pargen.diffusers.parallel(pipe, window=8, tol=1e-3)
     out = fast(prompt, num_inference_steps=50, generator=torch.Generator().manual_seed(0))   # pipe's own output
-    fast.cost                                         # rounds, model evaluations, per-sweep residuals, tol
+    fast.cost                           # path, rounds, model evaluations, residuals, seconds outside model calls
 
-How: a pipeline's `__call__` is a triangular system over its denoiser calls: call i's input u_i follows from the
-earlier calls' outputs by the pipeline's own code (guidance, masks, the scheduler's `step`). pargen runs that code
-unchanged, many times ("replays"), with the denoiser replaced by a proxy:
+A pipeline's denoising loop is a triangular system over its denoiser calls: call i's input follows from the earlier
+calls' outputs by the pipeline's code (guidance, the scheduler's `step`). Picard rounds evaluate a window of calls
+in one batched denoiser call, recompute the inputs from those outputs, and slide the window past every call whose
+input moved by at most `tol` (at least one per round). Every random draw comes from the same generator state as in
+the sequential call, so the fixed point *is* the pipeline's answer. Two ways to recompute the inputs:
 
-- a replay starts from the same state: the user's generator(s) (or torch's global RNG) and the scheduler are
-  restored to their state at the start of the call, so every random draw (initial latents, a stochastic
-  scheduler's noise) is the same in every replay and the fixed point *is* the sequential answer;
-- in a replay the proxy answers call i with the denoiser's output at the input u_i seen in the previous replay
-  (all calls of a window were evaluated in one batched denoiser call) and records the new input u'_i;
-- calls before the frontier are final (their outputs were evaluated at their true inputs); after a replay the
-  frontier moves past every window call whose inputs changed by at most `tol` (at least one call per round);
-- a ControlNet, called on the noisy input beside the denoiser at every step, is solved with it the same way (its
-  calls batched per window), rather than run for real in every replay;
-- calls the window has not reached get the latest output evaluated before them, a guess like any other; a
-  replay stops once it has recorded every input the next window can need.
+- driven (`_drive`; the pipeline classes in TEMPLATES): the pipeline's own call runs once to its first scheduler
+  step (prompts encoded, latents drawn, timesteps set), and what the template makes of that step (guidance
+  copies, `scale_model_input`, the timestep format, the guidance formula) is checked bit-equal against what the
+  pipeline made. A round is then the batched call and the scheduler's own `step` through the window from a saved
+  copy of its state at the frontier (multistep histories and stochastic noise as in the sequential loop), later
+  steps taken on the latest output as guesses for the next window. The pipeline's call runs once more with every
+  denoiser call and step answered from the solution, for its own decoding and output. DDPMPipeline and
+  DDIMPipeline skip the scheduler protocol (init_noise_sigma, scale_model_input); pargen applies it.
+- replayed (`_solve`; any other pipeline, a ControlNet, a step callback): the pipeline's whole call per round
+  ("replay") with its models answered by proxies from the batched window calls, the generator(s) and the
+  scheduler restored before each; a ControlNet is solved with the denoiser (its calls batched per window too).
 
-The scheduler's own `step` (any scheduler: multistep solvers keep their history because each replay runs from a
-restored copy), the pipeline's guidance and conditioning are used as they are; nothing is re-implemented. Replays
-cost no denoiser calls; text encoders and VAE encodes are memoised and the VAE decode is skipped until the final
-replay. At `tol=0` the result equals the pipeline's own output up to the float rounding of batched denoiser calls.
+Text encoders and VAE encodes are memoised and the VAE decode is skipped until the final run. At `tol=0` the
+result equals the pipeline's own output up to the float rounding of batched denoiser calls.
 """
 from __future__ import annotations
 
@@ -654,7 +654,8 @@ class Parallel:
                 if j < n:
                     x = self._input(plan, L, ts[j])
                     if j < hi:
-                        err = float((x - inputs[j]).double().pow(2).mean().sqrt()) / scale[j]
+                        err = torch.linalg.vector_norm(x - inputs[j], dtype=torch.float64).item() / (
+                            x.numel() ** 0.5 * scale[j])  # RMS
                         res = max(res, err)
                         if frontier is None and err > self.tol:
                             frontier = j
@@ -664,7 +665,7 @@ class Parallel:
                 if frontier == j and j < n:  # call j's input is exact: the next round starts here
                     stop = min(n, j + w - 1)
                     if stop > j:
-                        saved = (copy.deepcopy(sched.__dict__), s.rng.get(), L)
+                        saved = (_snapshot(sched.__dict__, plan.sched), s.rng.get(), L)
             cost.residuals.append(res)
             c = frontier if frontier is not None else n
 
@@ -767,6 +768,14 @@ class Parallel:
             while c + step < hi and errs[step] <= self.tol:
                 step += 1
             c += step
+
+
+def _snapshot(state: dict, base: dict) -> dict:
+    """A copy of a scheduler's state that later steps cannot reach, cheaply: what is still the base state's own
+    object and not a container (the schedule's tensors, the config) shared, the rest (step index, multistep
+    histories, a solver's last sample) deep-copied."""
+    return {k: v if base.get(k) is v and type(v) not in (list, dict, set) else copy.deepcopy(v)
+            for k, v in state.items()}
 
 
 class _Clock:
